@@ -1,0 +1,1 @@
+"""Turns a base model plus CoMiGS experts into ExecuTorch and ONNX artifacts (see issue: export)."""

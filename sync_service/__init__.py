@@ -1,0 +1,1 @@
+"""The gRPC coordinator that averages generalist deltas. Must never import torch."""
