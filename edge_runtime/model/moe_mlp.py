@@ -1,0 +1,146 @@
+"""The CoMiGS MLP: a frozen base MLP plus a mixture of LoRA experts chosen per token.
+
+Expert e is the base MLP with LoRA on each of its linear maps. The base matmuls run once per
+token; each selected expert only adds its low-rank terms. For a gated (Llama) MLP
+
+    g_e = W_g x + s B_g,e A_g,e x      u_e = W_u x + s B_u,e A_u,e x      h_e = act(g_e) * u_e
+    y   = sum_e w_e (W_d h_e + s B_d,e A_d,e h_e) = W_d (sum_e w_e h_e) + sum_e w_e s B_d,e A_d,e h_e
+
+so the down projection also runs once, on the gate-weighted hidden state. GPT-2's MLP is the
+same with h_e = act(c_fc x + ...) and c_proj as the down map.
+
+Two ways to evaluate the mixture, with identical results:
+- *grouped* (training, k < E): token slots are sorted by expert and each expert only processes
+  its own tokens, so the cost does not grow with the number of experts a device holds;
+- *dense* (k = E, and always under torch.export): every expert on every token with zero gates
+  for the unselected ones; static shapes, as ExecuTorch and ONNX need.
+The per-expert hidden states (the only activations that scale with k) are recomputed in the
+backward pass instead of being saved (`recompute_experts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from edge_runtime import roles
+from edge_runtime.model.config import CoMiGSConfig
+from edge_runtime.model.lora import ExpertBank, linear_dims
+from edge_runtime.model.router import Router
+
+# (input linears before the activation, output linear, activation attribute)
+_GATED = (("gate_proj", "up_proj"), "down_proj", "act_fn")
+_PLAIN = (("c_fc",), "c_proj", "act")
+
+
+def mlp_layout(base: nn.Module) -> tuple[tuple[str, ...], str, str]:
+    """Which kind of MLP `base` is: Llama-style gated (gate/up/down) or GPT-2 (c_fc/c_proj)."""
+    for layout in (_GATED, _PLAIN):
+        names = (*layout[0], layout[1], layout[2])
+        if all(hasattr(base, n) for n in names):
+            return layout
+    raise TypeError(
+        f"unsupported MLP {type(base).__name__}: CoMiGS needs a Llama-style MLP "
+        "(gate_proj, up_proj, down_proj, act_fn) or a GPT-2 MLP (c_fc, c_proj, act)."
+    )
+
+
+class CoMiGSMLP(nn.Module):
+    """Drop-in replacement for a transformer block's MLP (same input and output)."""
+
+    def __init__(self, base: nn.Module, config: CoMiGSConfig) -> None:
+        super().__init__()
+        self.in_names, self.out_name, self.act_name = mlp_layout(base)
+        self.base = base
+        self.config = config
+        self.n_experts = config.n_experts
+        d_model, d_ff = linear_dims(getattr(base, self.in_names[0]))
+        self.d_model, self.d_ff = d_model, d_ff
+        banks = {name: (d_model, d_ff) for name in self.in_names} | {self.out_name: (d_ff, d_model)}
+        self.experts = nn.ModuleDict({
+            name: ExpertBank(d_in, d_out, config.n_generalists, config.n_specialists,
+                             config.rank, config.scale)
+            for name, (d_in, d_out) in banks.items()
+        })
+        router = (Router(d_model, config.n_experts, config.k, config.target_shares())
+                  if config.has_router else None)
+        setattr(self, roles.ROUTER_MODULE, router)
+        self.force_dense = False
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.reshape(-1, self.d_model)
+        pre = tuple(getattr(self.base, name)(x) for name in self.in_names)  # base runs once
+        router: Router | None = getattr(self, roles.ROUTER_MODULE)
+        if router is None:
+            weights, experts, self.aux_loss = None, None, None
+        else:
+            weights, experts, self.aux_loss = router(x)
+        exporting = torch.compiler.is_exporting()
+        dense = self.force_dense or exporting or router is None or router.top_k == self.n_experts
+        mix = self._mix_dense if dense else self._mix_grouped
+        if self.config.recompute_experts and self.training and torch.is_grad_enabled() and not exporting:
+            hbar, delta = checkpoint(mix, x, weights, experts, *pre, use_reentrant=False)
+        else:
+            hbar, delta = mix(x, weights, experts, *pre)
+        out = getattr(self.base, self.out_name)(hbar) + delta
+        dropout = getattr(self.base, "dropout", None)  # GPT-2 applies it after c_proj
+        if dropout is not None:
+            out = dropout(out)
+        return out.reshape(hidden.shape)
+
+    def _hidden(self, x: torch.Tensor, pre: Sequence[torch.Tensor], expert: int) -> torch.Tensor:
+        """h_e: the expert's activation, from the shared base pre-activations plus its deltas."""
+        adjusted = [p + self.experts[name].delta(x, expert) for p, name in zip(pre, self.in_names)]
+        h = getattr(self.base, self.act_name)(adjusted[0])
+        return h * adjusted[1] if len(adjusted) == 2 else h
+
+    def _mix_dense(self, x: torch.Tensor, weights: torch.Tensor | None, experts: torch.Tensor | None,
+                   *pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out_bank = self.experts[self.out_name]
+        gates = None
+        if weights is not None:
+            gates = torch.zeros(x.shape[0], self.n_experts, dtype=x.dtype, device=x.device)
+            gates = gates.scatter(1, experts, weights)
+        hbar = delta = None
+        for e in range(self.n_experts):
+            h = self._hidden(x, pre, e)
+            d = out_bank.delta(h, e)
+            if gates is not None:
+                g = gates[:, e:e + 1]
+                h, d = h * g, d * g
+            hbar = h if hbar is None else hbar + h
+            delta = d if delta is None else delta + d
+        return hbar, delta
+
+    def _mix_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                     *pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sort token slots by expert; each expert processes only its own slots.
+
+        One gather per input and `split` (not slicing: each slice's backward would allocate a
+        full-size gradient, E times) keep the cost independent of the number of experts;
+        results are accumulated in place with index_add_.
+        """
+        n_tokens, k = experts.shape
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        tokens = torch.div(order, k, rounding_mode="floor")
+        token_groups = tokens.split(counts)
+        x_groups = x.index_select(0, tokens).split(counts)
+        pre_groups = [p.index_select(0, tokens).split(counts) for p in pre]
+        weight_groups = weights.reshape(-1).index_select(0, order).unsqueeze(-1).split(counts)
+        out_bank = self.experts[self.out_name]
+        hbar = x.new_zeros(n_tokens, self.d_ff)
+        delta = x.new_zeros(n_tokens, self.d_model)
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            h = self._hidden(x_groups[e], [p[e] for p in pre_groups], e)
+            w = weight_groups[e]
+            hbar.index_add_(0, token_groups[e], h * w)
+            delta.index_add_(0, token_groups[e], out_bank.delta(h, e) * w)
+        return hbar, delta

@@ -1,0 +1,1 @@
+"""The local CoMiGS trainer (bi-level expert/router optimisation)."""
