@@ -123,7 +123,7 @@ def test_recompute_changes_nothing_but_memory(batch):
         model.train()
         language_model_loss(model, *batch)[0].backward()
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

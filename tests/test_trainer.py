@@ -96,10 +96,10 @@ def _train(seed_model=0, lb_weight=0.01, **overrides):
 
 def test_training_is_deterministic_for_a_seed():
     a, b = _train(seed=7), _train(seed=7)
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), name
     c = _train(seed=8)
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
 
 
 def test_gradient_accumulation_matches_one_large_batch():
@@ -107,7 +107,7 @@ def test_gradient_accumulation_matches_one_large_batch():
     # device batch), so exact equality only holds for the cross-entropy part.
     full = _train(batch_size=4, lb_weight=0.0)
     accumulated = _train(batch_size=4, micro_batch_size=2, lb_weight=0.0)
-    for (name, pa), (_, pb) in zip(full.named_parameters(), accumulated.named_parameters()):
+    for (name, pa), (_, pb) in zip(full.named_parameters(), accumulated.named_parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)
 
 

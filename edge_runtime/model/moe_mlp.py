@@ -94,7 +94,7 @@ class CoMiGSMLP(nn.Module):
 
     def _hidden(self, x: torch.Tensor, pre: Sequence[torch.Tensor], expert: int) -> torch.Tensor:
         """h_e: the expert's activation, from the shared base pre-activations plus its deltas."""
-        adjusted = [p + self.experts[name].delta(x, expert) for p, name in zip(pre, self.in_names)]
+        adjusted = [p + self.experts[name].delta(x, expert) for p, name in zip(pre, self.in_names, strict=True)]
         h = getattr(self.base, self.act_name)(adjusted[0])
         return h * adjusted[1] if len(adjusted) == 2 else h
 

@@ -1,0 +1,28 @@
+"""Build a ready-to-train CoMiGS model from a model source, an expert layout and saved adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edge_runtime.model.adapters import load_adapters, read_adapter_config
+from edge_runtime.model.config import CoMiGSConfig
+from edge_runtime.model.inject import inject_comigs
+from edge_runtime.model.loading import load_base_model
+
+
+def build_comigs_model(source: str | Path, config: CoMiGSConfig | None = None,
+                       adapters: str | Path | None = None, attn_implementation: str = "sdpa",
+                       with_tokenizer: bool = True) -> tuple[nn.Module, Any]:
+    """(injected model, tokenizer). With `adapters` and no `config`, the adapters' own layout is used."""
+    if config is None:
+        config = (CoMiGSConfig.from_dict(read_adapter_config(adapters)["comigs"]) if adapters
+                  else CoMiGSConfig())
+    model, tokenizer = load_base_model(source, attn_implementation=attn_implementation,
+                                       with_tokenizer=with_tokenizer)
+    inject_comigs(model, config)
+    if adapters:
+        load_adapters(model, adapters)
+    return model, tokenizer
