@@ -222,7 +222,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print("[2/5] building train/valid/test splits from the Python standard library source ...", flush=True)
     docs = split_documents(stdlib_documents(args.corpus_chars), seed=args.seed)
     tokens = {name: tokenize_documents(tokenizer, d) for name, d in docs.items()}
-    write_splits(args.out / "data", tokens, {"corpus": "python-stdlib", "documents": {k: len(v) for k, v in docs.items()}})
+    manifest = {"corpus": "python-stdlib", "documents": {k: len(v) for k, v in docs.items()}}
+    write_splits(args.out / "data", tokens, manifest)
     splits = {name: TokenSplit(t, name) for name, t in tokens.items()}
     print("      " + ", ".join(f"{k}: {len(v):,} tokens" for k, v in splits.items()), flush=True)
 
@@ -241,6 +242,7 @@ def run_demo(args: argparse.Namespace) -> int:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
     print(f"  test perplexity   base model: {before.perplexity:8.3f}")
-    print(f"                    CoMiGS-1G1S: {after.perplexity:8.3f}  ({after.perplexity / before.perplexity - 1:+.1%})")
+    change = after.perplexity / before.perplexity - 1
+    print(f"                    CoMiGS-1G1S: {after.perplexity:8.3f}  ({change:+.1%})")
     print(f"  adapters: {args.out / 'adapters'}   metrics: {args.out / 'metrics.jsonl'}")
     return 0

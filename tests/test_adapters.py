@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_experts, tiny_comigs
 from safetensors.torch import load_file, save_file
 
 from edge_runtime import roles
@@ -17,6 +16,8 @@ from edge_runtime.model.adapters import (
     read_adapter_config,
     save_adapters,
 )
+
+from conftest import randomize_experts, tiny_comigs
 
 
 @pytest.mark.parametrize(("g", "s"), [(1, 1), (1, 0), (2, 6), (0, 1)])

@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import synthetic_language, tiny_base
 from edge_runtime.cli import main
+
+from conftest import synthetic_language, tiny_base
 
 
 @pytest.fixture

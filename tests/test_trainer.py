@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_experts, synthetic_language, tiny_comigs
 
 from edge_runtime import roles
 from edge_runtime.data.tokens import TokenSplit
 from edge_runtime.evaluation import perplexity
 from edge_runtime.model.config import ConfigError
 from edge_runtime.training.trainer import LocalTrainer, TrainerConfig
+
+from conftest import randomize_experts, synthetic_language, tiny_comigs
 
 
 def splits(seed: int = 0):
