@@ -139,3 +139,18 @@ def test_heterogeneous_devices_share_one_generalist_state(n_specialists):
     for name, tensor in roles.generalist_state(device).items():
         assert torch.equal(tensor, state[name])
     assert not any(roles.role_of(n) is not roles.Role.GENERALIST for n in state)
+
+
+def test_slot_dispatch_and_combine_are_exact_inverses_with_correct_gradients():
+    from edge_runtime.model.dispatch import SlotOrder
+
+    experts = torch.tensor([[3, 0], [1, 3], [0, 2], [3, 1], [2, 0]])
+    slots = SlotOrder.from_experts(experts, n_experts=5)
+    assert slots.counts == [3, 2, 2, 3, 0]
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    sorted_rows = slots.dispatch(x)
+    assert torch.equal(sorted_rows, x[slots.tokens])
+    assert torch.equal(slots.combine(sorted_rows), 2 * x.detach())  # every token has k = 2 slots
+    torch.autograd.gradcheck(lambda t: slots.dispatch(t), (x,))
+    y = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: slots.combine(t), (y,))

@@ -57,10 +57,21 @@ class ExpertBank(nn.Module):
         i = expert - self.n_generalists
         return getattr(self, roles.SPECIALIST_A)[i], getattr(self, roles.SPECIALIST_B)[i]
 
-    def delta(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        """`s * B_e (A_e x)`: two skinny matmuls."""
+    def delta(self, x: torch.Tensor, expert: int, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """`gate * s * B_e (A_e x)`: two skinny matmuls.
+
+        The scale and the optional per-row gate multiply the rank-r code, not the wide output.
+        """
         a, b = self.factors(expert)
-        return F.linear(F.linear(x, a), b) * self.scale
+        return F.linear(self._code(x, a, gate), b)
+
+    def add_delta(self, base_out: torch.Tensor, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """`base_out + delta(x)` for 2-D rows, with the add fused into the B matmul (addmm)."""
+        a, b = self.factors(expert)
+        return torch.addmm(base_out, self._code(x, a, None), b.t())
+
+    def _code(self, x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, a) * (self.scale if gate is None else gate * self.scale)
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, "

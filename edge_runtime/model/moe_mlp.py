@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from edge_runtime import roles
 from edge_runtime.model.config import CoMiGSConfig
+from edge_runtime.model.dispatch import SlotOrder
 from edge_runtime.model.lora import ExpertBank, linear_dims
 from edge_runtime.model.router import Router
 
@@ -94,7 +95,7 @@ class CoMiGSMLP(nn.Module):
 
     def _hidden(self, x: torch.Tensor, pre: Sequence[torch.Tensor], expert: int) -> torch.Tensor:
         """h_e: the expert's activation, from the shared base pre-activations plus its deltas."""
-        adjusted = [p + self.experts[name].delta(x, expert) for p, name in zip(pre, self.in_names, strict=True)]
+        adjusted = [self.experts[name].add_delta(p, x, expert) for p, name in zip(pre, self.in_names, strict=True)]
         h = getattr(self.base, self.act_name)(adjusted[0])
         return h * adjusted[1] if len(adjusted) == 2 else h
 
@@ -108,39 +109,35 @@ class CoMiGSMLP(nn.Module):
         hbar = delta = None
         for e in range(self.n_experts):
             h = self._hidden(x, pre, e)
-            d = out_bank.delta(h, e)
-            if gates is not None:
-                g = gates[:, e:e + 1]
-                h, d = h * g, d * g
-            hbar = h if hbar is None else hbar + h
+            g = None if gates is None else gates[:, e:e + 1]
+            d = out_bank.delta(h, e, gate=g)
+            if g is None:
+                hbar = h if hbar is None else hbar + h
+            else:
+                hbar = h * g if hbar is None else torch.addcmul(hbar, h, g)
             delta = d if delta is None else delta + d
         return hbar, delta
 
     def _mix_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                      *pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sort token slots by expert; each expert processes only its own slots.
+        """Sort token slots by expert; each expert processes only its own rows.
 
-        One gather per input and `split` (not slicing: each slice's backward would allocate a
-        full-size gradient, E times) keep the cost independent of the number of experts;
-        results are accumulated in place with index_add_.
+        Inputs are gathered into expert order once and `split` (one backward node, where
+        slicing would allocate a full-size gradient per expert); outputs are concatenated and
+        gathered back. The cost is independent of how many experts the device holds.
         """
-        n_tokens, k = experts.shape
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        tokens = torch.div(order, k, rounding_mode="floor")
-        token_groups = tokens.split(counts)
-        x_groups = x.index_select(0, tokens).split(counts)
-        pre_groups = [p.index_select(0, tokens).split(counts) for p in pre]
-        weight_groups = weights.reshape(-1).index_select(0, order).unsqueeze(-1).split(counts)
+        slots = SlotOrder.from_experts(experts, self.n_experts)
+        counts = slots.counts
+        x_groups = slots.dispatch(x).split(counts)
+        pre_groups = [slots.dispatch(p).split(counts) for p in pre]
+        w_groups = weights.reshape(-1).index_select(0, slots.order).unsqueeze(-1).split(counts)
         out_bank = self.experts[self.out_name]
-        hbar = x.new_zeros(n_tokens, self.d_ff)
-        delta = x.new_zeros(n_tokens, self.d_model)
+        h_parts, d_parts = [], []
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             h = self._hidden(x_groups[e], [p[e] for p in pre_groups], e)
-            w = weight_groups[e]
-            hbar.index_add_(0, token_groups[e], h * w)
-            delta.index_add_(0, token_groups[e], out_bank.delta(h, e) * w)
-        return hbar, delta
+            w = w_groups[e]
+            h_parts.append(h * w)
+            d_parts.append(out_bank.delta(h, e, gate=w))
+        return slots.combine(torch.cat(h_parts)), slots.combine(torch.cat(d_parts))
