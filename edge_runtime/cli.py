@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # Modules that contribute subcommands, in the order `comigs --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "edge_runtime.commands",
+    "edge_runtime.data.cli",
     "sync_service.cli",
     "export.cli",
 )
