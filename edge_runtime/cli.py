@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "edge_runtime.commands",
     "edge_runtime.data.cli",
+    "edge_runtime.simulation.cli",
     "sync_service.cli",
     "export.cli",
 )

@@ -75,7 +75,7 @@ class TokenSplit:
             batch = torch.from_numpy(np.stack(rows))
             yield batch[:, :-1], batch[:, 1:]
         if len(full) < len(starts):  # the tail shorter than a window
-            tail = torch.from_numpy(np.asarray(self.tokens[starts[-1]:], dtype=np.int64))[None]
+            tail = torch.from_numpy(np.array(self.tokens[starts[-1]:], dtype=np.int64))[None]
             yield tail[:, :-1], tail[:, 1:]
 
 

@@ -71,6 +71,8 @@ class CoMiGSMLP(nn.Module):
         setattr(self, roles.ROUTER_MODULE, router)
         self.force_dense = False
         self.aux_loss: torch.Tensor | None = None
+        # Summed gate weight per expert while recording (see `record_routing`); None: off.
+        self.routing_totals: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, self.d_model)
@@ -80,6 +82,8 @@ class CoMiGSMLP(nn.Module):
             weights, experts, self.aux_loss = None, None, None
         else:
             weights, experts, self.aux_loss = router(x)
+            if self.routing_totals is not None:
+                self._record(weights, experts)
         exporting = torch.compiler.is_exporting()
         dense = self.force_dense or exporting or router is None or router.top_k == self.n_experts
         mix = self._mix_dense if dense else self._mix_grouped
@@ -92,6 +96,10 @@ class CoMiGSMLP(nn.Module):
         if dropout is not None:
             out = dropout(out)
         return out.reshape(hidden.shape)
+
+    @torch.no_grad()
+    def _record(self, weights: torch.Tensor, experts: torch.Tensor) -> None:
+        self.routing_totals.index_add_(0, experts.reshape(-1), weights.detach().reshape(-1).to(torch.float64))
 
     def _hidden(self, x: torch.Tensor, pre: Sequence[torch.Tensor], expert: int) -> torch.Tensor:
         """h_e: the expert's activation, from the shared base pre-activations plus its deltas."""
@@ -141,3 +149,29 @@ class CoMiGSMLP(nn.Module):
             h_parts.append(h * w)
             d_parts.append(out_bank.delta(h, e, gate=w))
         return slots.combine(torch.cat(h_parts)), slots.combine(torch.cat(d_parts))
+
+
+def record_routing(model: nn.Module, enabled: bool = True) -> None:
+    """Start (reset) or stop accumulating each layer's gate weight per expert."""
+    for module in model.modules():
+        if isinstance(module, CoMiGSMLP):
+            module.routing_totals = torch.zeros(module.n_experts, dtype=torch.float64) if enabled else None
+
+
+def generalist_routing_share(model: nn.Module) -> list[float]:
+    """Per layer, the share of gate weight that went to generalist experts since `record_routing`.
+
+    A layer without a router sends everything to its single expert: share 1 if that expert is a
+    generalist, else 0. This is the quantity of the paper's routing figure.
+    """
+    shares = []
+    for module in model.modules():
+        if not isinstance(module, CoMiGSMLP):
+            continue
+        n_gen = module.config.n_generalists
+        totals = module.routing_totals
+        if getattr(module, roles.ROUTER_MODULE) is None or totals is None or float(totals.sum()) == 0:
+            shares.append(1.0 if n_gen else 0.0)
+        else:
+            shares.append(float(totals[:n_gen].sum() / totals.sum()))
+    return shares

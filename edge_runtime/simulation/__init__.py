@@ -1,0 +1,1 @@
+"""In-process federated simulation of CoMiGS and its baselines (the paper's table)."""
