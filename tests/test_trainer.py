@@ -152,3 +152,19 @@ def test_bilevel_without_validation_split_is_refused():
 def test_bad_trainer_config_is_explained(bad):
     with pytest.raises(ConfigError):
         small_config(**bad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_memory_savers_do_not_change_the_result(arch):
+    """Layer checkpointing and the chunked LM-head loss trade compute for memory, nothing else."""
+    results = []
+    for savers in ({}, {"activation_checkpointing": True, "loss_chunk_tokens": 7}):
+        model = tiny_comigs(arch, n_generalists=1, n_specialists=3)
+        randomize_experts(model)
+        trainer = LocalTrainer(model, small_config(**savers), *splits())
+        history = trainer.train(4)
+        results.append(([m.loss for m in history], {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (losses_a, params_a), (losses_b, params_b) = results
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    for name in params_a:
+        torch.testing.assert_close(params_a[name], params_b[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_runtime import roles
+from edge_runtime.model.chunked_loss import chunked_cross_entropy
 from edge_runtime.model.config import CoMiGSConfig
 from edge_runtime.model.lora import SharedLoRALinear
 from edge_runtime.model.moe_mlp import CoMiGSMLP
@@ -108,6 +109,10 @@ def loss_from_logits(model: nn.Module, logits: torch.Tensor,
     to fp32 for the loss.
     """
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return _with_balance_loss(model, ce)
+
+
+def _with_balance_loss(model: nn.Module, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     config = comigs_config(model)
     aux = balance_loss(model)
     if aux is None or config.lb_weight == 0:
@@ -115,10 +120,16 @@ def loss_from_logits(model: nn.Module, logits: torch.Tensor,
     return ce + config.lb_weight * aux, ce.detach()
 
 
-def language_model_loss(model: nn.Module, input_ids: torch.Tensor,
-                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    return loss_from_logits(model, logits, targets)
+def language_model_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
+                        loss_chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training loss, cross-entropy) of one batch; with `loss_chunk_tokens` the LM head runs in
+    checkpointed chunks so the full logits tensor never exists (see chunked_loss)."""
+    if loss_chunk_tokens is None:
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        return loss_from_logits(model, logits, targets)
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    ce = chunked_cross_entropy(hidden, model.get_output_embeddings(), targets, loss_chunk_tokens)
+    return _with_balance_loss(model, ce)
 
 
 class LossModule(nn.Module):

@@ -50,6 +50,10 @@ class TrainerConfig:
     total_steps: int = 200  # span of the cosine schedule: all local steps of all rounds
     grad_clip: float | None = None
     seed: int = 0
+    # Memory savers chosen by the budget planner: recompute each decoder layer in backward, and
+    # compute the LM-head loss over chunks of this many tokens.
+    activation_checkpointing: bool = False
+    loss_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         micro = self.micro_batch_size or self.batch_size
@@ -105,6 +109,8 @@ class LocalTrainer:
         self.router_opt = (torch.optim.AdamW(self.router_params, lr=config.router_lr, betas=config.betas,
                                              weight_decay=config.router_weight_decay, fused=True)
                            if self.router_params else None)
+        if config.activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.step = 0
         self.router_updates = 0
         self.train_rng = torch.Generator().manual_seed(config.seed)
@@ -162,7 +168,7 @@ class LocalTrainer:
         try:
             for _ in range(n_micro):
                 inputs, targets = split.sample(micro, self.config.seq_len, rng)
-                loss, ce = language_model_loss(self.model, inputs, targets)
+                loss, ce = language_model_loss(self.model, inputs, targets, self.config.loss_chunk_tokens)
                 (loss / n_micro).backward()
                 loss_sum += float(loss.detach())
                 ce_sum += float(ce)
