@@ -1,0 +1,589 @@
+"""Benchmark the sync coordinator: many devices uploading SmolLM2-sized 1G1S generalist deltas at once.
+
+What it measures, in one run on this machine (loopback, TLS, coordinator in its own process):
+
+* ingest: N devices (threads, one TLS connection each) upload one fp32 delta each into one round of a real
+  coordinator (`python -m sync_service serve`: validation, hashing, fsync, SQLite commit, then the round's
+  aggregation); ingest MB/s, uploads/s, p50/p99 upload latency;
+* the practical limit: the same client code sending the same bytes to a trivial servicer (a gRPC server in
+  its own process whose UploadDelta only reads the stream), the same TLS and thread settings;
+* server memory: peak RSS (VmHWM, ingest + aggregation) minus the idle RSS, over one delta's size;
+* int8: payload bytes over fp32 bytes, and the reconstruction error.
+
+The delta: 30 layers x (gate, up, down) LoRA rank 8, d_model 576, d_ff 1536 (1,520,640 floats, 6.08 MB).
+Targets (issue 3): ingest >= 0.7 x raw gRPC, peak RSS <= 4 x delta + idle, int8 <= 0.27 x fp32.
+Results are merged into benchmarks/results.json under "sync" (other sections are kept).
+
+    python benchmarks/bench_sync.py [--devices 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_file import RESULTS, update_section  # noqa: E402
+
+from edge_runtime.sync_client import DEFAULT_CHUNK_BYTES, RetryPolicy, SyncClient  # noqa: E402
+from sync_service import encoding  # noqa: E402
+from sync_service.auth import add_device  # noqa: E402
+from sync_service.store import Store  # noqa: E402
+
+LAYERS, D_MODEL, D_FF, RANK = 30, 576, 1536, 8
+TARGETS = {"ingest_over_raw_grpc": 0.7, "server_rss_over_delta": 4.0, "int8_bytes_over_fp32": 0.27}
+DISTINCT_DELTAS = 8
+
+
+def smollm2_shapes() -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for layer in range(LAYERS):
+        for proj, (d_in, d_out) in {
+            "gate": (D_MODEL, D_FF),
+            "up": (D_MODEL, D_FF),
+            "down": (D_FF, D_MODEL),
+        }.items():
+            prefix = f"model.layers.{layer}.mlp.{proj}_proj.experts.0"
+            shapes[f"{prefix}.lora_A"] = (1, RANK, d_in)
+            shapes[f"{prefix}.lora_B"] = (1, d_out, RANK)
+    return shapes
+
+
+def make_cert(directory: Path) -> tuple[Path, Path, bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (directory / "cert.pem").write_bytes(pem)
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return directory / "cert.pem", directory / "key.pem", pem
+
+
+# ------------------------------------------------------------------------------------ trivial servicer
+
+
+def serve_raw(cert: str, key: str, ready_file: str, max_workers: int) -> None:
+    """The practical limit: a servicer that only reads UploadDelta streams (same options as the real one)."""
+    import grpc
+
+    from sync_service.proto import sync_pb2 as pb
+    from sync_service.proto import sync_pb2_grpc as pb_grpc
+
+    class Trivial(pb_grpc.SyncServiceServicer):
+        def GetTask(self, request, context):  # noqa: N802 - gRPC method name
+            return pb.GetTaskResponse()
+
+        def UploadDelta(self, request_iterator, context):  # noqa: N802
+            received = 0
+            for message in request_iterator:
+                received += len(message.chunk.data)
+            return pb.UploadDeltaResponse(accepted_bytes=received)
+
+    from sync_service.config import ServerConfig
+    from sync_service.server import grpc_server_options
+
+    max_message = ServerConfig.__dataclass_fields__["max_message_bytes"].default
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_server_options(max_message)
+    )  # exactly the coordinator's transport
+    pb_grpc.add_SyncServiceServicer_to_server(Trivial(), server)
+    credentials = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    Path(ready_file).write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    server.wait_for_termination()
+
+
+# ------------------------------------------------------------------------------------ measurement
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found for pid {pid}")
+
+
+def wait_ready(ready: Path, process: subprocess.Popen, log: Path) -> dict:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if ready.exists() and ready.read_text():
+            return json.loads(ready.read_text())
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+def run_uploads(
+    target: str,
+    cert_pem: bytes,
+    tokens: dict[str, str],
+    payloads: list[bytes],
+    chunk_bytes: int,
+    on_connected: Callable[[], None] = lambda: None,
+    *,
+    round_id: int = 1,
+    base_version: int = 0,
+) -> tuple[float, list[float]]:
+    """All devices connect (then `on_connected` runs), then all upload at the same instant.
+
+    Returns (wall seconds from the start signal to the last acknowledgement, per-upload latencies).
+    """
+    names = sorted(tokens)
+    clients = [
+        SyncClient(
+            target,
+            tokens[name],
+            device_id=name,
+            root_certificates=cert_pem,
+            chunk_bytes=chunk_bytes,
+            retry=RetryPolicy(max_attempts=8, initial_backoff_s=0.2),
+            transfer_timeout_s=600,
+        )
+        for name in names
+    ]
+    connected = threading.Barrier(len(clients) + 1)
+    start_line = threading.Barrier(len(clients) + 1)
+    latencies: list[float] = [0.0] * len(clients)
+    errors: list[BaseException] = []
+
+    def device(index: int) -> None:
+        client = clients[index]
+        try:
+            client.get_task()  # connect (TCP + TLS) before the clock starts
+        except Exception as exc:  # the trivial servicer has no auth: any answer means connected
+            if "GetTask" not in str(exc):
+                errors.append(exc)
+        connected.wait()
+        start_line.wait()
+        started = time.perf_counter()
+        try:
+            client.upload_encoded(
+                round_id,
+                base_version,
+                payloads[index % len(payloads)],
+                64,
+                encoding="fp32",
+                idempotency_key=f"bench-r{round_id}-{index}",
+            )
+        except BaseException as exc:
+            errors.append(exc)
+        latencies[index] = time.perf_counter() - started
+
+    threads = [threading.Thread(target=device, args=(i,)) for i in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    connected.wait()
+    on_connected()
+    start_line.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    for client in clients:
+        client.close()
+    if errors:
+        raise RuntimeError(f"{len(errors)} uploads failed; first: {errors[0]!r}")
+    return wall, latencies
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_published(metrics_port: int, rounds: int, timeout: float = 600) -> float:
+    """Wait until `rounds` rounds are published; return the total aggregation seconds so far."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = _scrape(metrics_port)
+        if metrics.get("comigs_sync_aggregation_seconds_count", 0) >= rounds:
+            return metrics["comigs_sync_aggregation_seconds_sum"]
+        time.sleep(0.1)
+    raise RuntimeError(f"round {rounds} was not published")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/bench_sync.py",
+        description="Ingest throughput, latency and memory of the sync coordinator with many concurrent "
+        "devices uploading SmolLM2-sized 1G1S deltas, against raw gRPC streaming of the same bytes; "
+        "int8 size and error. "
+        "Merges its figures into benchmarks/results.json under 'sync'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--devices", type=int, default=200, help="simulated devices uploading concurrently")
+    parser.add_argument(
+        "--max-workers", type=int, default=16, help="server gRPC handler threads (both servers)"
+    )
+    parser.add_argument(
+        "--chunk-kib",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES // 1024,
+        help="upload chunk size (the SyncClient default unless given)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="interleaved repetitions of (raw gRPC, coordinator); medians are reported",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="JSON file to merge the 'sync' section into",
+    )
+    parser.add_argument("--no-save", action="store_true", help="print only; do not touch the results file")
+    parser.add_argument(
+        "--serve-raw", nargs=4, metavar=("CERT", "KEY", "READY", "WORKERS"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.serve_raw:
+        cert, key, ready, workers = args.serve_raw
+        serve_raw(cert, key, ready, int(workers))
+        return 0
+    if args.devices < 1 or args.repeat < 1:
+        parser.error("--devices and --repeat must be >= 1")
+
+    shapes = smollm2_shapes()
+    rng = np.random.default_rng(0)
+    deltas = [
+        {n: rng.normal(0, 1e-3, size=s).astype(np.float32) for n, s in shapes.items()}
+        for _ in range(DISTINCT_DELTAS)
+    ]
+    payloads = [encoding.encode(delta, "fp32") for delta in deltas]
+    delta_bytes = len(payloads[0])
+
+    # int8: size and reconstruction error on a realistic delta.
+    int8 = encoding.encode(deltas[0], "int8")
+    restored = encoding.decode(int8)
+    err2 = sum(float(np.sum((restored[n].astype(np.float64) - deltas[0][n]) ** 2)) for n in shapes)
+    norm2 = sum(float(np.sum(deltas[0][n].astype(np.float64) ** 2)) for n in shapes)
+    int8_rel_l2 = (err2 / norm2) ** 0.5
+    int8_max_abs = max(float(np.max(np.abs(restored[n] - deltas[0][n]))) for n in shapes)
+    max_abs = max(float(np.max(np.abs(deltas[0][n]))) for n in shapes)
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp_name:
+        tmp = Path(tmp_name)
+        cert, key, cert_pem = make_cert(tmp)
+        generalist = {
+            n: (rng.uniform(-0.04, 0.04, size=s) if n.endswith("lora_A") else np.zeros(s)).astype(np.float32)
+            for n, s in shapes.items()
+        }
+        store = Store.initialise(tmp / "state", generalist)
+        tokens = {f"device-{i:04d}": add_device(store, f"device-{i:04d}") for i in range(args.devices)}
+        store.close()
+
+        chunk = args.chunk_kib * 1024
+        raw_ready, raw_log = tmp / "raw.json", tmp / "raw.log"
+        ready, server_log = tmp / "ready.json", tmp / "server.log"
+        command = [
+            sys.executable,
+            "-m",
+            "sync_service",
+            "serve",
+            "--state-dir",
+            str(tmp / "state"),
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+            "--min-devices",
+            str(args.devices),
+            "--round-timeout",
+            "3600",
+            "--rounds",
+            str(args.repeat),
+            "--max-workers",
+            str(args.max_workers),
+            "--log-level",
+            "warning",
+        ]
+        with open(raw_log, "wb") as log:
+            raw = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--serve-raw",
+                    str(cert),
+                    str(key),
+                    str(raw_ready),
+                    str(args.max_workers),
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        with open(server_log, "wb") as log:
+            server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+        try:
+            raw_info = wait_ready(raw_ready, raw, raw_log)
+            info = wait_ready(ready, server, server_log)
+            time.sleep(0.5)
+            raw_idle_kib, idle_kib = rss_kib(raw.pid, "VmRSS"), rss_kib(server.pid, "VmRSS")
+            connected_kib = [0]
+
+            def measure_connected() -> None:
+                if not connected_kib[0]:
+                    time.sleep(0.3)
+                    connected_kib[0] = rss_kib(server.pid, "VmRSS")
+
+            raw_walls, walls, raw_latencies, latencies, raw_cpu, cpu, aggregations = (
+                [],
+                [],
+                [],
+                [],
+                [],
+                [],
+                [],
+            )
+            ingest_peak_kib = 0
+            for rep in range(1, args.repeat + 1):  # interleaved, so machine noise hits both alike
+                before = cpu_seconds(raw.pid)
+                wall, lat = run_uploads(
+                    f"127.0.0.1:{raw_info['port']}",
+                    cert_pem,
+                    tokens,
+                    payloads,
+                    chunk,
+                    base_version=rep - 1,
+                    round_id=rep,
+                )
+                raw_cpu.append(cpu_seconds(raw.pid) - before)
+                raw_walls.append(wall)
+                raw_latencies += lat
+                before = cpu_seconds(server.pid)
+                wall, lat = run_uploads(
+                    f"127.0.0.1:{info['port']}",
+                    cert_pem,
+                    tokens,
+                    payloads,
+                    chunk,
+                    measure_connected,
+                    base_version=rep - 1,
+                    round_id=rep,
+                )
+                cpu.append(cpu_seconds(server.pid) - before)
+                walls.append(wall)
+                latencies += lat
+                ingest_peak_kib = max(ingest_peak_kib, rss_kib(server.pid, "VmHWM"))
+                aggregations.append(wait_published(info["metrics_port"], rep) - sum(aggregations))
+                print(
+                    f"  repeat {rep}: ingest {args.devices * delta_bytes / 1e6 / walls[-1]:.1f} MB/s, "
+                    f"raw gRPC {args.devices * delta_bytes / 1e6 / raw_walls[-1]:.1f} MB/s",
+                    flush=True,
+                )
+            peak_kib = rss_kib(server.pid, "VmHWM")
+            raw_peak_kib = rss_kib(raw.pid, "VmHWM")
+        finally:
+            for process in (raw, server):
+                process.terminate()
+                process.wait(60)
+
+    total_mb = args.devices * delta_bytes / 1e6
+    ratios = [raw_wall / wall for raw_wall, wall in zip(raw_walls, walls, strict=True)]
+    wall, raw_wall = statistics.median(walls), statistics.median(raw_walls)
+    grpc_only = (raw_peak_kib - raw_idle_kib) * 1024 / delta_bytes
+    figures = {
+        "ingest_over_raw_grpc": round(statistics.median(ratios), 3),
+        "server_rss_over_delta": round((peak_kib - idle_kib) * 1024 / delta_bytes, 3),
+        "int8_bytes_over_fp32": round(len(int8) / delta_bytes, 4),
+        "ingest_over_raw_grpc_each_repeat": [round(r, 3) for r in ratios],
+        "server_rss_over_delta_from_connected_idle": round(
+            (peak_kib - connected_kib[0]) * 1024 / delta_bytes, 3
+        ),
+        "trivial_servicer_rss_over_delta": round(grpc_only, 3),
+        "coordinator_own_rss_over_delta": round((peak_kib - idle_kib) * 1024 / delta_bytes - grpc_only, 3),
+        "devices": args.devices,
+        "repeats": args.repeat,
+        "delta_bytes": delta_bytes,
+        "chunk_bytes": chunk,
+        "ingest_MBps": round(total_mb / wall, 1),
+        "raw_grpc_MBps": round(total_mb / raw_wall, 1),
+        "uploads_per_s": round(args.devices / wall, 2),
+        "raw_grpc_uploads_per_s": round(args.devices / raw_wall, 2),
+        "upload_latency_p50_s": round(percentile(latencies, 0.5), 3),
+        "upload_latency_p99_s": round(percentile(latencies, 0.99), 3),
+        "raw_latency_p50_s": round(percentile(raw_latencies, 0.5), 3),
+        "raw_latency_p99_s": round(percentile(raw_latencies, 0.99), 3),
+        "server_cpu_ms_per_upload": round(1000 * statistics.median(cpu) / args.devices, 2),
+        "raw_server_cpu_ms_per_upload": round(1000 * statistics.median(raw_cpu) / args.devices, 2),
+        "server_idle_rss_MB": round(idle_kib / 1024, 1),
+        "server_connected_idle_rss_MB": round(connected_kib[0] / 1024, 1),
+        "server_peak_rss_MB": round(peak_kib / 1024, 1),
+        "server_peak_rss_during_ingest_MB": round(ingest_peak_kib / 1024, 1),
+        "trivial_servicer_idle_rss_MB": round(raw_idle_kib / 1024, 1),
+        "trivial_servicer_peak_rss_MB": round(raw_peak_kib / 1024, 1),
+        "aggregation_s": round(statistics.median(aggregations), 3),
+        "int8_rel_l2_error": round(int8_rel_l2, 5),
+        "int8_max_abs_error_over_max_abs": round(int8_max_abs / max_abs, 5),
+        "server_max_workers": args.max_workers,
+        "transport": "TLS over loopback, one connection per device, all devices upload at once",
+        "measured_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpus": os.cpu_count(),
+    }
+    figures["targets"] = {
+        "ingest_over_raw_grpc": f">= {TARGETS['ingest_over_raw_grpc']}",
+        "server_rss_over_delta": f"<= {TARGETS['server_rss_over_delta']}",
+        "int8_bytes_over_fp32": f"<= {TARGETS['int8_bytes_over_fp32']}",
+    }
+    figures["meets_targets"] = {
+        "ingest_over_raw_grpc": figures["ingest_over_raw_grpc"] >= TARGETS["ingest_over_raw_grpc"],
+        "server_rss_over_delta": figures["server_rss_over_delta"] <= TARGETS["server_rss_over_delta"],
+        "int8_bytes_over_fp32": figures["int8_bytes_over_fp32"] <= TARGETS["int8_bytes_over_fp32"],
+    }
+    print(render_table(figures))
+    if not args.no_save:
+        update_section("sync", figures, args.results)
+        print(f"\nmerged into {args.results} under 'sync'")
+    return 0
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            values[name] = float(value)
+    return values
+
+
+def render_table(f: dict) -> str:
+    ok = {True: "yes", False: "NO"}
+    rows = [
+        (
+            "devices (concurrent, TLS, loopback)",
+            f"{f['devices']}",
+            f"{f['chunk_bytes'] // 1024} KiB chunks, {f['repeats']} interleaved repeats",
+        ),
+        ("delta size (fp32 payload)", f"{f['delta_bytes'] / 1e6:.2f} MB", ""),
+        (
+            "ingest into the coordinator",
+            f"{f['ingest_MBps']:.1f} MB/s",
+            f"{f['uploads_per_s']:.1f} uploads/s",
+        ),
+        (
+            "raw gRPC to a trivial servicer",
+            f"{f['raw_grpc_MBps']:.1f} MB/s",
+            f"{f['raw_grpc_uploads_per_s']:.1f} uploads/s",
+        ),
+        (
+            "ingest / raw gRPC (median of repeats)",
+            f"{f['ingest_over_raw_grpc']:.3f}",
+            f"target >= 0.7: {ok[f['meets_targets']['ingest_over_raw_grpc']]}",
+        ),
+        (
+            "upload latency p50 / p99",
+            f"{f['upload_latency_p50_s']:.2f} s / {f['upload_latency_p99_s']:.2f} s",
+            f"raw {f['raw_latency_p50_s']:.2f} s / {f['raw_latency_p99_s']:.2f} s",
+        ),
+        (
+            "server CPU per upload",
+            f"{f['server_cpu_ms_per_upload']:.1f} ms",
+            f"trivial servicer {f['raw_server_cpu_ms_per_upload']:.1f} ms",
+        ),
+        (
+            "server RSS idle / peak",
+            f"{f['server_idle_rss_MB']:.1f} MB / {f['server_peak_rss_MB']:.1f} MB",
+            f"peak during ingest {f['server_peak_rss_during_ingest_MB']:.1f} MB",
+        ),
+        (
+            "(peak - idle) / delta",
+            f"{f['server_rss_over_delta']:.2f}",
+            f"target <= 4: {ok[f['meets_targets']['server_rss_over_delta']]}",
+        ),
+        (
+            "  same, from idle with all devices connected",
+            f"{f['server_rss_over_delta_from_connected_idle']:.2f}",
+            f"connected idle {f['server_connected_idle_rss_MB']:.1f} MB",
+        ),
+        (
+            "  trivial servicer (gRPC alone) peak - idle",
+            f"{f['trivial_servicer_rss_over_delta']:.2f} x delta",
+            f"{f['trivial_servicer_idle_rss_MB']:.1f} -> {f['trivial_servicer_peak_rss_MB']:.1f} MB",
+        ),
+        (
+            "  coordinator's own share",
+            f"{f['coordinator_own_rss_over_delta']:.2f} x delta",
+            "(peak - idle) minus the trivial servicer's",
+        ),
+        ("aggregation of the round", f"{f['aggregation_s']:.2f} s", f"{f['devices']} uploads, streamed"),
+        (
+            "int8 bytes / fp32 bytes",
+            f"{f['int8_bytes_over_fp32']:.4f}",
+            f"target <= 0.27: {ok[f['meets_targets']['int8_bytes_over_fp32']]}",
+        ),
+        (
+            "int8 reconstruction error",
+            f"rel. L2 {f['int8_rel_l2_error']:.4f}",
+            f"max abs {f['int8_max_abs_error_over_max_abs']:.4f} x max|delta|",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    lines = [
+        f"| {'measure':<{width}} | {'value':<{value_width}} | note |",
+        f"|{'-' * (width + 2)}|{'-' * (value_width + 2)}|------|",
+    ]
+    lines += [f"| {name:<{width}} | {value:<{value_width}} | {note} |" for name, value, note in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

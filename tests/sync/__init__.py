@@ -1,0 +1,1 @@
+"""Tests of the sync coordinator and client (a package so its conftest does not shadow tests/conftest.py)."""

@@ -1,0 +1,269 @@
+"""Helpers for the sync tests: test tensors, certificates, in-process and subprocess coordinators.
+
+Nothing of ours is mocked. Servers run either in-process (`SyncServer`, fast, for protocol tests) or as
+`python -m sync_service serve` subprocesses (for crash tests that SIGKILL them). The module has a unique
+name (not conftest) so test files can import it without clashing with other test directories.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.sync_client import RetryPolicy, SyncClient
+from sync_service.auth import add_device
+from sync_service.config import RoundConfig, ServerConfig
+from sync_service.server import SyncServer
+from sync_service.store import Store
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: A miniature 1G1S generalist: 2 layers x (gate, up, down) LoRA, d_model 16, d_ff 32, rank 4.
+D_MODEL, D_FF, RANK, LAYERS = 16, 32, 4, 2
+
+
+def generalist_shapes() -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(LAYERS):
+        for proj, (d_in, d_out) in {
+            "gate": (D_MODEL, D_FF),
+            "up": (D_MODEL, D_FF),
+            "down": (D_FF, D_MODEL),
+        }.items():
+            prefix = f"model.layers.{layer}.mlp.{proj}_proj.experts.0"
+            shapes[f"{prefix}.lora_A"] = (1, RANK, d_in)
+            shapes[f"{prefix}.lora_B"] = (1, d_out, RANK)
+    return shapes
+
+
+def make_generalist(seed: int = 0) -> dict[str, np.ndarray]:
+    """LoRA-style initial values: A random, B zero (values are dyadic so sums are exact)."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in generalist_shapes().items():
+        if name.endswith("lora_A"):
+            tensors[name] = (rng.integers(-64, 64, size=shape) / 64).astype(np.float32)
+        else:
+            tensors[name] = np.zeros(shape, np.float32)
+    return tensors
+
+
+def make_delta(seed: int, dyadic: bool = True) -> dict[str, np.ndarray]:
+    """A device's delta; dyadic values (k/256) make weighted averages exactly representable."""
+    rng = np.random.default_rng(1000 + seed)
+    if dyadic:
+        return {
+            n: (rng.integers(-256, 257, size=s) / 256).astype(np.float32)
+            for n, s in generalist_shapes().items()
+        }
+    return {n: rng.normal(0, 0.01, size=s).astype(np.float32) for n, s in generalist_shapes().items()}
+
+
+@dataclass(frozen=True)
+class Tls:
+    cert: Path
+    key: Path
+    cert_pem: bytes
+
+
+def _make_cert(directory: Path) -> Tls:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (directory / "cert.pem").write_bytes(cert_pem)
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return Tls(directory / "cert.pem", directory / "key.pem", cert_pem)
+
+
+def make_tls(directory: Path) -> Tls:
+    return _make_cert(directory)
+
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.05, max_backoff_s=0.2)
+
+
+@dataclass
+class Coordinator:
+    """A state directory with enrolled devices and a running in-process TLS server."""
+
+    state_dir: Path
+    tls: Tls
+    tokens: dict[str, str]
+    server: SyncServer
+    generalist: dict[str, np.ndarray]
+    clients: list[SyncClient] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def client(self, device: str, **kwargs: object) -> SyncClient:
+        kwargs.setdefault("retry", FAST_RETRY)
+        client = SyncClient(
+            self.target, self.tokens[device], device_id=device, root_certificates=self.tls.cert_pem, **kwargs
+        )  # type: ignore[arg-type]
+        self.clients.append(client)
+        return client
+
+    def store(self) -> Store:
+        return Store(self.state_dir)
+
+    def wait_for(self, predicate, timeout: float = 10.0, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(interval)
+        raise AssertionError("condition not reached in time")
+
+    def published_version(self) -> int:
+        store = self.store()
+        try:
+            return store.latest_generalist().version
+        finally:
+            store.close()
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.server.stop(0)
+
+
+def start_coordinator(
+    tmp_path: Path,
+    tls: Tls,
+    devices: list[str],
+    rounds: RoundConfig,
+    *,
+    generalist_seed: int = 0,
+    tick_interval_s: float = 0.02,
+    **server_kwargs: object,
+) -> Coordinator:
+    state_dir = tmp_path / "state"
+    generalist = make_generalist(generalist_seed)
+    store = Store.initialise(state_dir, generalist)
+    tokens = {name: add_device(store, name) for name in devices}
+    store.close()
+    config = ServerConfig(
+        state_dir=state_dir,
+        listen="127.0.0.1:0",
+        tls_cert=tls.cert,
+        tls_key=tls.key,
+        metrics_listen="127.0.0.1:0",
+        tick_interval_s=tick_interval_s,
+        rounds=rounds,
+        **server_kwargs,  # type: ignore[arg-type]
+    )
+    server = SyncServer(config)
+    server.start()
+    return Coordinator(state_dir, tls, tokens, server, generalist)
+
+
+class ServerProcess:
+    """`python -m sync_service serve` in a subprocess, for tests that must SIGKILL the coordinator."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        tls: Tls,
+        port: int = 0,
+        env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.ready_file = state_dir.parent / f"ready-{time.monotonic_ns()}.json"
+        self.log_path = log_path or state_dir.parent / "server.log"
+        args = [
+            sys.executable,
+            "-m",
+            "sync_service",
+            "serve",
+            "--state-dir",
+            str(state_dir),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tls-cert",
+            str(tls.cert),
+            "--tls-key",
+            str(tls.key),
+            "--metrics-listen",
+            "",
+            "--ready-file",
+            str(self.ready_file),
+            "--tick-interval",
+            "0.02",
+            *(extra_args or []),
+        ]
+        full_env = {**os.environ, **(env or {})}
+        full_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=full_env, stdout=self._log, stderr=self._log)
+        self.port = self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                return int(json.loads(self.ready_file.read_text())["port"])
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.log()}")
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"server not ready after {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.wait()
+
+    def terminate(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
