@@ -17,7 +17,7 @@ from edge_runtime.model.adapters import (
     save_adapters,
 )
 
-from conftest import randomize_experts, tiny_comigs
+from tests.builders import randomize_experts, tiny_comigs
 
 
 @pytest.mark.parametrize(("g", "s"), [(1, 1), (1, 0), (2, 6), (0, 1)])

@@ -11,7 +11,7 @@ import pytest
 
 from edge_runtime.cli import main
 
-from conftest import synthetic_language, tiny_base
+from tests.builders import synthetic_language, tiny_base
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 from edge_runtime.data.tokens import DataError, TokenSplit, load_splits
 from edge_runtime.evaluation import perplexity
 
-from conftest import VOCAB, tiny_comigs
+from tests.builders import VOCAB, tiny_comigs
 
 
 @pytest.mark.parametrize(("n", "seq_len", "batch"), [(101, 10, 3), (100, 10, 4), (7, 10, 2)])

@@ -9,7 +9,7 @@ from edge_runtime.model.config import CoMiGSConfig, ConfigError
 from edge_runtime.model.inject import UnsupportedModelError, inject_comigs
 from edge_runtime.model.loading import ModelSourceError, load_base_model
 
-from conftest import tiny_base
+from tests.builders import tiny_base
 
 
 def test_unsupported_architecture():

@@ -9,7 +9,7 @@ from edge_runtime import roles
 from edge_runtime.model.config import CoMiGSConfig
 from edge_runtime.model.inject import balance_loss, inject_comigs, language_model_loss, moe_layers
 
-from conftest import VOCAB, randomize_experts, tiny_base, tiny_comigs
+from tests.builders import VOCAB, randomize_experts, tiny_base, tiny_comigs
 
 LAYOUTS = [  # (G, S, top_k)
     (1, 0, None), (0, 1, None), (1, 1, None), (1, 3, None), (2, 6, None), (1, 2, 1),

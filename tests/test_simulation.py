@@ -15,7 +15,7 @@ from edge_runtime.simulation.federation import DeviceData, Federation, Simulatio
 from edge_runtime.simulation.methods import METHODS
 from edge_runtime.training.trainer import TrainerConfig
 
-from conftest import VOCAB, tiny_base
+from tests.builders import VOCAB, tiny_base
 
 
 def device_language(seed: int, n: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from edge_runtime.evaluation import perplexity
 from edge_runtime.model.config import ConfigError
 from edge_runtime.training.trainer import LocalTrainer, TrainerConfig
 
-from conftest import randomize_experts, synthetic_language, tiny_comigs
+from tests.builders import randomize_experts, synthetic_language, tiny_comigs
 
 
 def splits(seed: int = 0):
