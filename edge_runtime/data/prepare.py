@@ -28,15 +28,25 @@ def split_documents(documents: Sequence[str], seed: int = 0,
     Every split gets at least one document when there are three or more.
     """
     docs = [d for d in documents if d.strip()]
-    if len(docs) < 3:
-        raise DataError(f"need at least 3 non-empty documents to make train/valid/test splits, got {len(docs)}.")
-    order = list(range(len(docs)))
+    cuts = split_indices(len(docs), seed, fractions)
+    return {name: [docs[i] for i in idx] for name, idx in cuts.items()}
+
+
+def split_indices(n_documents: int, seed: int = 0,
+                  fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> dict[str, list[int]]:
+    """The cut `split_documents` makes, as sorted document indices per split.
+
+    Exposed so callers that keep an id with every document (scenarios) split exactly the same way.
+    """
+    if n_documents < 3:
+        raise DataError(f"need at least 3 non-empty documents to make train/valid/test splits, got {n_documents}.")
+    order = list(range(n_documents))
     random.Random(seed).shuffle(order)
-    n_valid = max(1, round(fractions[1] * len(docs)))
-    n_test = max(1, round(fractions[2] * len(docs)))
-    n_train = len(docs) - n_valid - n_test
+    n_valid = max(1, round(fractions[1] * n_documents))
+    n_test = max(1, round(fractions[2] * n_documents))
+    n_train = n_documents - n_valid - n_test
     cuts = {"train": order[:n_train], "valid": order[n_train:n_train + n_valid], "test": order[n_train + n_valid:]}
-    return {name: [docs[i] for i in sorted(idx)] for name, idx in cuts.items()}
+    return {name: sorted(idx) for name, idx in cuts.items()}
 
 
 def tokenize_documents(tokenizer: Any, documents: Sequence[str]) -> np.ndarray:
