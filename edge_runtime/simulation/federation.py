@@ -38,11 +38,16 @@ class DeviceData:
 
 
 def load_scenario(directory: str | Path) -> list[DeviceData]:
-    """Every subdirectory of `directory` holding train/valid/test.npy is a device (sorted by name)."""
+    """The devices of a prepared scenario (`comigs data prepare`: index order, hashes verified), or
+    else every subdirectory of `directory` holding train/valid/test.npy, sorted by name."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"scenario directory {directory} does not exist; prepare one with "
                         "`comigs data prepare --scenario NAME --out DIR`.")
+    if (directory / "scenario.json").is_file():
+        from edge_runtime.data.scenarios import load_scenario as load_prepared
+
+        return [DeviceData(d.name, **d.splits()) for d in load_prepared(directory).devices]
     device_dirs = sorted(p for p in directory.iterdir() if (p / "train.npy").is_file())
     if not device_dirs:
         raise DataError(f"{directory} holds no device directories with train.npy/valid.npy/test.npy.")
