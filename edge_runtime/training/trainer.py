@@ -24,6 +24,7 @@ from torch import nn
 
 from edge_runtime import roles
 from edge_runtime.data.tokens import TokenSplit
+from edge_runtime.memory import release_free_memory
 from edge_runtime.model.config import ConfigError
 from edge_runtime.model.inject import language_model_loss
 from edge_runtime.training.schedule import cosine_lr
@@ -54,6 +55,7 @@ class TrainerConfig:
     # compute the LM-head loss over chunks of this many tokens.
     activation_checkpointing: bool = False
     loss_chunk_tokens: int | None = None
+    release_memory: bool = False  # give freed memory back to the OS after every step (malloc_trim)
 
     def __post_init__(self) -> None:
         micro = self.micro_batch_size or self.batch_size
@@ -178,6 +180,8 @@ class LocalTrainer:
                 optimizer.step()
         finally:
             self._drop_gradients()
+            if self.config.release_memory:
+                release_free_memory()
         return StepMetrics(phase, self.step, loss_sum / n_micro, ce_sum / n_micro, lr,
                            time.perf_counter() - start)
 
