@@ -101,21 +101,56 @@ def make_cert(directory: Path) -> tuple[Path, Path, bytes]:
 # ------------------------------------------------------------------------------------ trivial servicer
 
 
-def serve_raw(cert: str, key: str, ready_file: str, max_workers: int) -> None:
-    """The practical limit: a servicer that only reads UploadDelta streams (same options as the real one)."""
+def serve_raw(cert: str, key: str, ready_file: str, max_workers: int, mode: str = "trivial") -> None:
+    """A reference servicer with exactly the coordinator's transport (options, TLS, thread pool).
+
+    mode "trivial": UploadDelta only reads the stream (the practical limit of gRPC on this machine).
+    mode "store": UploadDelta also does the part of the coordinator's work no implementation can skip
+    without giving up integrity or durability: SHA-256 of the bytes compared with the header's, the bytes
+    written to a temp file, fsync, rename, directory fsync (no auth, no validation, no database).
+    """
+    import hashlib
+    import tempfile as tempfile_module
+
     import grpc
 
+    from sync_service.durable import publish_file
     from sync_service.proto import sync_pb2 as pb
     from sync_service.proto import sync_pb2_grpc as pb_grpc
+
+    store_dir = Path(tempfile_module.mkdtemp(prefix="bench-store-", dir=Path(ready_file).parent))
 
     class Trivial(pb_grpc.SyncServiceServicer):
         def GetTask(self, request, context):  # noqa: N802 - gRPC method name
             return pb.GetTaskResponse()
 
         def UploadDelta(self, request_iterator, context):  # noqa: N802
+            if mode == "store":
+                return self._store(request_iterator, context)
             received = 0
             for message in request_iterator:
                 received += len(message.chunk.data)
+            return pb.UploadDeltaResponse(accepted_bytes=received)
+
+        @staticmethod
+        def _store(request_iterator, context):
+            first = next(request_iterator)
+            digest = hashlib.sha256()
+            temp = store_dir / f"{os.urandom(8).hex()}.part"
+            received = 0
+            with open(temp, "wb") as handle:
+                for message in request_iterator:
+                    data = message.chunk.data
+                    digest.update(data)
+                    handle.write(data)
+                    received += len(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if digest.digest() != first.header.payload_sha256:
+                temp.unlink()
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "checksum mismatch")
+            final = store_dir / "done" / temp.with_suffix(".safetensors").name
+            publish_file(temp, final)
             return pb.UploadDeltaResponse(accepted_bytes=received)
 
     from sync_service.config import ServerConfig
@@ -160,14 +195,17 @@ def run_uploads(
     tokens: dict[str, str],
     payloads: list[bytes],
     chunk_bytes: int,
+    server_pid: int,
     on_connected: Callable[[], None] = lambda: None,
     *,
     round_id: int = 1,
     base_version: int = 0,
-) -> tuple[float, list[float]]:
+) -> tuple[float, list[float], float, float]:
     """All devices connect (then `on_connected` runs), then all upload at the same instant.
 
-    Returns (wall seconds from the start signal to the last acknowledgement, per-upload latencies).
+    Returns (wall seconds from the start signal to the last acknowledgement, per-upload latencies, server
+    CPU seconds and client (this process) CPU seconds over that same interval: connecting, TLS handshakes
+    and the coordinator's aggregation afterwards are outside it).
     """
     names = sorted(tokens)
     clients = [
@@ -215,16 +253,18 @@ def run_uploads(
         thread.start()
     connected.wait()
     on_connected()
+    server_cpu, client_cpu = cpu_seconds(server_pid), time.process_time()
     start_line.wait()
     began = time.perf_counter()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - began
+    server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
     for client in clients:
         client.close()
     if errors:
         raise RuntimeError(f"{len(errors)} uploads failed; first: {errors[0]!r}")
-    return wall, latencies
+    return wall, latencies, server_cpu, client_cpu
 
 
 def cpu_seconds(pid: int) -> float:
@@ -270,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat",
         type=int,
-        default=3,
-        help="interleaved repetitions of (raw gRPC, coordinator); medians are reported",
+        default=5,
+        help="interleaved repetitions of (raw gRPC, hash+store floor, coordinator); medians are reported",
     )
     parser.add_argument(
         "--results",
@@ -281,12 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-save", action="store_true", help="print only; do not touch the results file")
     parser.add_argument(
-        "--serve-raw", nargs=4, metavar=("CERT", "KEY", "READY", "WORKERS"), help=argparse.SUPPRESS
+        "--serve-raw", nargs=5, metavar=("CERT", "KEY", "READY", "WORKERS", "MODE"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.serve_raw:
-        cert, key, ready, workers = args.serve_raw
-        serve_raw(cert, key, ready, int(workers))
+        cert, key, ready, workers, mode = args.serve_raw
+        serve_raw(cert, key, ready, int(workers), mode)
         return 0
     if args.devices < 1 or args.repeat < 1:
         parser.error("--devices and --repeat must be >= 1")
@@ -322,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
 
         chunk = args.chunk_kib * 1024
-        raw_ready, raw_log = tmp / "raw.json", tmp / "raw.log"
         ready, server_log = tmp / "ready.json", tmp / "server.log"
         command = [
             sys.executable,
@@ -352,25 +391,25 @@ def main(argv: list[str] | None = None) -> int:
             "--log-level",
             "warning",
         ]
-        with open(raw_log, "wb") as log:
-            raw = subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "--serve-raw",
-                    str(cert),
-                    str(key),
-                    str(raw_ready),
-                    str(args.max_workers),
-                ],
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
+        def reference_server(mode: str) -> tuple[subprocess.Popen, Path, Path]:
+            ready_file, log_file = tmp / f"{mode}.json", tmp / f"{mode}.log"
+            with open(log_file, "wb") as log:
+                process = subprocess.Popen(
+                    [sys.executable, __file__, "--serve-raw", str(cert), str(key), str(ready_file)]
+                    + [str(args.max_workers), mode],
+                    env=env,
+                    stdout=log,
+                    stderr=log,
+                )
+            return process, ready_file, log_file
+
+        raw, raw_ready, raw_log = reference_server("trivial")
+        floor, floor_ready, floor_log = reference_server("store")
         with open(server_log, "wb") as log:
             server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
         try:
             raw_info = wait_ready(raw_ready, raw, raw_log)
+            floor_info = wait_ready(floor_ready, floor, floor_log)
             info = wait_ready(ready, server, server_log)
             time.sleep(0.5)
             raw_idle_kib, idle_kib = rss_kib(raw.pid, "VmRSS"), rss_kib(server.pid, "VmRSS")
@@ -381,67 +420,76 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(0.3)
                     connected_kib[0] = rss_kib(server.pid, "VmRSS")
 
-            raw_walls, walls, raw_latencies, latencies, raw_cpu, cpu, aggregations = (
-                [],
-                [],
-                [],
-                [],
-                [],
-                [],
-                [],
-            )
+            runs: dict[str, dict[str, list]] = {
+                name: {"wall": [], "latency": [], "server_cpu": [], "client_cpu": []}
+                for name in ("raw", "floor", "coordinator")
+            }
+            aggregations: list[float] = []
             ingest_peak_kib = 0
-            for rep in range(1, args.repeat + 1):  # interleaved, so machine noise hits both alike
-                before = cpu_seconds(raw.pid)
-                wall, lat = run_uploads(
-                    f"127.0.0.1:{raw_info['port']}",
-                    cert_pem,
-                    tokens,
-                    payloads,
-                    chunk,
-                    base_version=rep - 1,
-                    round_id=rep,
-                )
-                raw_cpu.append(cpu_seconds(raw.pid) - before)
-                raw_walls.append(wall)
-                raw_latencies += lat
-                before = cpu_seconds(server.pid)
-                wall, lat = run_uploads(
-                    f"127.0.0.1:{info['port']}",
-                    cert_pem,
-                    tokens,
-                    payloads,
-                    chunk,
-                    measure_connected,
-                    base_version=rep - 1,
-                    round_id=rep,
-                )
-                cpu.append(cpu_seconds(server.pid) - before)
-                walls.append(wall)
-                latencies += lat
+            for rep in range(1, args.repeat + 1):  # interleaved, so machine noise hits all alike
+                for name, port, pid, hook in (
+                    ("raw", raw_info["port"], raw.pid, lambda: None),
+                    ("floor", floor_info["port"], floor.pid, lambda: None),
+                    ("coordinator", info["port"], server.pid, measure_connected),
+                ):
+                    wall, lat, server_cpu, client_cpu = run_uploads(
+                        f"127.0.0.1:{port}",
+                        cert_pem,
+                        tokens,
+                        payloads,
+                        chunk,
+                        pid,
+                        hook,
+                        base_version=rep - 1,
+                        round_id=rep,
+                    )
+                    run = runs[name]
+                    run["wall"].append(wall)
+                    run["latency"] += lat
+                    run["server_cpu"].append(server_cpu)
+                    run["client_cpu"].append(client_cpu)
                 ingest_peak_kib = max(ingest_peak_kib, rss_kib(server.pid, "VmHWM"))
                 aggregations.append(wait_published(info["metrics_port"], rep) - sum(aggregations))
+                mbps = {name: args.devices * delta_bytes / 1e6 / run["wall"][-1] for name, run in runs.items()}
                 print(
-                    f"  repeat {rep}: ingest {args.devices * delta_bytes / 1e6 / walls[-1]:.1f} MB/s, "
-                    f"raw gRPC {args.devices * delta_bytes / 1e6 / raw_walls[-1]:.1f} MB/s",
+                    f"  repeat {rep}: ingest {mbps['coordinator']:.1f} MB/s, raw gRPC {mbps['raw']:.1f} MB/s, "
+                    f"hash+store floor {mbps['floor']:.1f} MB/s",
                     flush=True,
                 )
             peak_kib = rss_kib(server.pid, "VmHWM")
             raw_peak_kib = rss_kib(raw.pid, "VmHWM")
         finally:
-            for process in (raw, server):
+            for process in (raw, floor, server):
                 process.terminate()
                 process.wait(60)
 
     total_mb = args.devices * delta_bytes / 1e6
+    raw_walls, floor_walls, walls = (runs[name]["wall"] for name in ("raw", "floor", "coordinator"))
     ratios = [raw_wall / wall for raw_wall, wall in zip(raw_walls, walls, strict=True)]
+    floor_ratios = [raw_wall / wall for raw_wall, wall in zip(raw_walls, floor_walls, strict=True)]
     wall, raw_wall = statistics.median(walls), statistics.median(raw_walls)
+    latencies, raw_latencies = runs["coordinator"]["latency"], runs["raw"]["latency"]
+
+    def cpu_ms(name: str, side: str) -> float:
+        return round(1000 * statistics.median(runs[name][side]) / args.devices, 2)
+
+    def cores(name: str) -> float:  # CPU cores kept busy by server + clients during the uploads
+        run = runs[name]
+        return round(
+            statistics.median(
+                (s + c) / w for s, c, w in zip(run["server_cpu"], run["client_cpu"], run["wall"], strict=True)
+            ),
+            2,
+        )
+
     grpc_only = (raw_peak_kib - raw_idle_kib) * 1024 / delta_bytes
     figures = {
         "ingest_over_raw_grpc": round(statistics.median(ratios), 3),
         "server_rss_over_delta": round((peak_kib - idle_kib) * 1024 / delta_bytes, 3),
         "int8_bytes_over_fp32": round(len(int8) / delta_bytes, 4),
         "ingest_over_raw_grpc_each_repeat": [round(r, 3) for r in ratios],
+        "hash_store_floor_over_raw_grpc": round(statistics.median(floor_ratios), 3),
+        "hash_store_floor_over_raw_grpc_each_repeat": [round(r, 3) for r in floor_ratios],
         "server_rss_over_delta_from_connected_idle": round(
             (peak_kib - connected_kib[0]) * 1024 / delta_bytes, 3
         ),
@@ -459,8 +507,14 @@ def main(argv: list[str] | None = None) -> int:
         "upload_latency_p99_s": round(percentile(latencies, 0.99), 3),
         "raw_latency_p50_s": round(percentile(raw_latencies, 0.5), 3),
         "raw_latency_p99_s": round(percentile(raw_latencies, 0.99), 3),
-        "server_cpu_ms_per_upload": round(1000 * statistics.median(cpu) / args.devices, 2),
-        "raw_server_cpu_ms_per_upload": round(1000 * statistics.median(raw_cpu) / args.devices, 2),
+        "hash_store_floor_MBps": round(total_mb / statistics.median(floor_walls), 1),
+        "server_cpu_ms_per_upload": cpu_ms("coordinator", "server_cpu"),
+        "raw_server_cpu_ms_per_upload": cpu_ms("raw", "server_cpu"),
+        "floor_server_cpu_ms_per_upload": cpu_ms("floor", "server_cpu"),
+        "client_cpu_ms_per_upload": cpu_ms("coordinator", "client_cpu"),
+        "raw_client_cpu_ms_per_upload": cpu_ms("raw", "client_cpu"),
+        "cpu_cores_busy": cores("coordinator"),
+        "raw_cpu_cores_busy": cores("raw"),
         "server_idle_rss_MB": round(idle_kib / 1024, 1),
         "server_connected_idle_rss_MB": round(connected_kib[0] / 1024, 1),
         "server_peak_rss_MB": round(peak_kib / 1024, 1),
@@ -529,6 +583,11 @@ def render_table(f: dict) -> str:
             f"target >= 0.7: {ok[f['meets_targets']['ingest_over_raw_grpc']]}",
         ),
         (
+            "  hash+store floor / raw gRPC",
+            f"{f['hash_store_floor_over_raw_grpc']:.3f}",
+            f"SHA-256 + write + fsync + rename only ({f['hash_store_floor_MBps']:.1f} MB/s)",
+        ),
+        (
             "upload latency p50 / p99",
             f"{f['upload_latency_p50_s']:.2f} s / {f['upload_latency_p99_s']:.2f} s",
             f"raw {f['raw_latency_p50_s']:.2f} s / {f['raw_latency_p99_s']:.2f} s",
@@ -536,7 +595,18 @@ def render_table(f: dict) -> str:
         (
             "server CPU per upload",
             f"{f['server_cpu_ms_per_upload']:.1f} ms",
-            f"trivial servicer {f['raw_server_cpu_ms_per_upload']:.1f} ms",
+            f"trivial {f['raw_server_cpu_ms_per_upload']:.1f} ms, "
+            f"hash+store {f['floor_server_cpu_ms_per_upload']:.1f} ms",
+        ),
+        (
+            "client CPU per upload (1 thread per device)",
+            f"{f['client_cpu_ms_per_upload']:.1f} ms",
+            f"raw gRPC run {f['raw_client_cpu_ms_per_upload']:.1f} ms",
+        ),
+        (
+            "CPU cores busy during uploads (server+clients)",
+            f"{f['cpu_cores_busy']:.2f}",
+            f"raw gRPC run {f['raw_cpu_cores_busy']:.2f} (of {f['cpus']})",
         ),
         (
             "server RSS idle / peak",

@@ -367,6 +367,10 @@ class PayloadDecoder:
     `on_header(header)` runs once the JSON header is parsed (before any tensor data), `on_tensor(entry,
     raw)` for every tensor in data order; `raw` is only valid during the call. Memory use is one tensor
     (plus the header), whatever the payload size. Errors raise `PayloadError`.
+
+    With `on_tensors(entries, raw)`, whole tensors that lie inside one fed piece are handed over together
+    (consecutive entries, `raw` their bytes back to back, zero-copy), so a consumer can check many small
+    tensors with a few vectorised calls; tensors split across pieces still go to `on_tensor` one by one.
     """
 
     def __init__(
@@ -375,9 +379,11 @@ class PayloadDecoder:
         on_tensor: Callable[[TensorEntry, memoryview], None] | None = None,
         *,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        on_tensors: Callable[[Sequence[TensorEntry], memoryview], None] | None = None,
     ) -> None:
         self._on_header = on_header
         self._on_tensor = on_tensor
+        self._on_tensors = on_tensors
         self._max_header_bytes = max_header_bytes
         self._buffer = bytearray()
         self._stage = "length"
@@ -402,6 +408,10 @@ class PayloadDecoder:
             if self._stage == "done":
                 extra = len(view) - position
                 raise PayloadError(f"payload has {extra} bytes after the last tensor its header describes")
+            if self._stage == "data" and self._on_tensors is not None and not self._buffer:
+                position = self._complete_run(view, position)
+                if self._stage == "done" or position >= len(view):
+                    continue
             take = min(self._need - len(self._buffer), len(view) - position)
             if not self._buffer and take == self._need:
                 segment = view[position : position + take]
@@ -416,6 +426,20 @@ class PayloadDecoder:
                 segment = memoryview(bytes(self._buffer))
                 self._buffer.clear()
                 self._complete(segment)
+
+    def _complete_run(self, view: memoryview, position: int) -> int:
+        """Hand every whole tensor starting at `position` to `on_tensors` at once; return the new position."""
+        assert self.header is not None and self._on_tensors is not None
+        entries = self.header.entries
+        first, end = self._next, position
+        while self._next < len(entries) and entries[self._next].nbytes <= len(view) - end:
+            end += entries[self._next].nbytes
+            self._next += 1
+        if self._next > first:
+            self.received += end - position
+            self._on_tensors(entries[first : self._next], view[position:end])
+            self._advance_entry()
+        return end
 
     def close(self) -> PayloadHeader:
         """Check that the payload ended exactly where its header says; return the header."""

@@ -41,7 +41,10 @@ class UploadReceiver:
         self._hash = hashlib.sha256()
         self._validator = DeltaValidator(manifest, request.encoding, request.total_bytes)
         self._decoder = enc.PayloadDecoder(
-            self._validator.on_header, self._validator.on_tensor, max_header_bytes=max_header_bytes
+            self._validator.on_header,
+            self._validator.on_tensor,
+            max_header_bytes=max_header_bytes,
+            on_tensors=self._validator.on_tensors,
         )
         self.received = 0
 

@@ -23,7 +23,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -500,39 +500,52 @@ class Store:
 
     def insert_upload(self, upload: UploadRow, *, first_upload: bool) -> None:
         """Commit an acknowledged upload (its file must already be durable at `upload.path`)."""
+        self.insert_uploads([upload], first_upload=first_upload)
+
+    def insert_uploads(self, uploads: Sequence[UploadRow], *, first_upload: bool) -> None:
+        """Commit several uploads of one round in one transaction (one WAL fsync: group commit).
+
+        `first_upload`: the round is still "open" and the first of `uploads` moves it to "collecting".
+        """
+        if not uploads:
+            return
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO uploads (upload_id, round_id, device_id, idempotency_key, base_version, "
                 "num_samples, "
                 "encoding, payload_sha256, size, path, update_norm, clip_scale, received_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    upload.upload_id,
-                    upload.round_id,
-                    upload.device_id,
-                    upload.idempotency_key,
-                    upload.base_version,
-                    upload.num_samples,
-                    upload.encoding,
-                    upload.payload_sha256,
-                    upload.size,
-                    upload.path,
-                    upload.update_norm,
-                    upload.clip_scale,
-                    upload.received_at,
-                ),
+                [
+                    (
+                        upload.upload_id,
+                        upload.round_id,
+                        upload.device_id,
+                        upload.idempotency_key,
+                        upload.base_version,
+                        upload.num_samples,
+                        upload.encoding,
+                        upload.payload_sha256,
+                        upload.size,
+                        upload.path,
+                        upload.update_norm,
+                        upload.clip_scale,
+                        upload.received_at,
+                    )
+                    for upload in uploads
+                ],
             )
             if first_upload:
+                first = uploads[0]
                 db.execute(
                     "UPDATE rounds SET state = 'collecting' WHERE round_id = ? AND state = 'open'",
-                    (upload.round_id,),
+                    (first.round_id,),
                 )
                 _event(
                     db,
-                    upload.round_id,
-                    upload.received_at,
+                    first.round_id,
+                    first.received_at,
                     "collecting",
-                    f"first upload from {upload.device_id}",
+                    f"first upload from {first.device_id}",
                 )
 
     # ------------------------------------------------------------------ reports

@@ -10,6 +10,7 @@ they depend on time and live with the rounds.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,18 +198,58 @@ class DeltaValidator:
             self._pending_rows[entry.name] = squares
             self._combine_int8(entry.name)
             return
+        self._add_float_sums([entry], values.reshape(-1), raw)
+
+    def on_tensors(self, entries: Sequence[enc.TensorEntry], raw: memoryview) -> None:
+        """Several whole tensors, back to back in `raw` (see `PayloadDecoder`): fp32/fp16 in a few calls."""
+        if self._wire_dtype == "I8":
+            offset = 0
+            for entry in entries:
+                self.on_tensor(entry, raw[offset : offset + entry.nbytes])
+                offset += entry.nbytes
+            return
+        # on_header admitted only value tensors of the wire dtype, so the run is one flat array.
+        self._add_float_sums(entries, np.frombuffer(raw, dtype=enc.SAFETENSORS_DTYPES[self._wire_dtype]), raw)
+
+    def _add_float_sums(self, entries: Sequence[enc.TensorEntry], values: np.ndarray, raw: memoryview) -> None:
         # Elementwise numpy, not np.dot: BLAS calls from many server threads contend badly (OpenBLAS spins;
         # measured: 300x slower ingest). Squares in the wire dtype (a square that overflows is reported as
-        # too large, no sane delta comes near), summed in float64 by numpy's pairwise summation, which is
-        # deterministic for a given array: the norm, and so the clipping factor, never depends on timing.
+        # too large, no sane delta comes near), then one float64 sum per tensor (`np.add.reduceat`, pairwise
+        # within each tensor), added to the total tensor by tensor in data order: whether tensors arrive
+        # one by one or in runs (which depends on the client's chunking), every sum and so the norm, and the
+        # clipping factor, are bit-identical.
         if values.dtype == np.float16:
             values = values.astype(np.float32)  # float16 squares overflow above 256
-        total = float(np.add.reduce(np.square(values).ravel(), dtype=np.float64))
-        if not math.isfinite(total):
-            if not np.all(np.isfinite(values)):
-                raise invalid(f"tensor {entry.name!r} contains {_first_bad(values)}", "non_finite")
-            raise invalid(f"tensor {entry.name!r} has values too large to average", "non_finite")
-        self._sum_squares += total
+        starts, position = [], 0
+        for entry in entries:
+            count = math.prod(entry.shape)
+            if count:
+                starts.append(position)
+            position += count
+        if not starts:
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            sums = np.add.reduceat(np.square(values).astype(np.float64), starts)
+            if not np.isfinite(sums).all():  # name the first offending tensor (rare, so per tensor)
+                offset = 0
+                for entry in entries:
+                    tensor = self._float_values(entry, raw, offset)
+                    if not np.all(np.isfinite(np.square(tensor))):
+                        self._raise_non_finite(entry, tensor)
+                    offset += entry.nbytes
+        for total in sums.tolist():
+            self._sum_squares += total
+
+    @staticmethod
+    def _float_values(entry: enc.TensorEntry, raw: memoryview, offset: int) -> np.ndarray:
+        values = enc.array_from_bytes(entry, raw[offset : offset + entry.nbytes])
+        return values.astype(np.float32) if values.dtype == np.float16 else values
+
+    @staticmethod
+    def _raise_non_finite(entry: enc.TensorEntry, values: np.ndarray) -> None:
+        if not np.all(np.isfinite(values)):
+            raise invalid(f"tensor {entry.name!r} contains {_first_bad(values)}", "non_finite")
+        raise invalid(f"tensor {entry.name!r} has values too large to average", "non_finite")
 
     def _combine_int8(self, name: str) -> None:
         if name in self._pending_rows and name in self._pending_scales:
