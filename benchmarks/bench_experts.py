@@ -27,19 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import update_section  # noqa: E402
 
+from edge_runtime.memory import peak_rss_bytes, reset_peak_rss  # noqa: E402
+
 EXPERT_COUNTS = (1, 2, 8)
-
-
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so the peak covers only what follows."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def build_model(shape: str, n_experts: int):
@@ -91,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"n_experts": args.worker, "step_s": statistics.median(times), "step_times_s": times,
-                      "peak_rss_mb": peak_rss_mb(), "params_in_memory": params, "weights": weights,
+                      "peak_rss_mb": peak_rss_bytes() / 2**20, "params_in_memory": params, "weights": weights,
                       "threads": torch.get_num_threads()}))
 
 
