@@ -1,0 +1,64 @@
+"""Run an exported ExecuTorch inference program (portable or XNNPACK) on a device.
+
+    model = ExecuTorchInference("artifacts/", "pte-xnnpack")
+    logits = model.logits(input_ids)          # (batch, seq) int64 -> (batch, seq, vocab) float32
+
+The program's experts come from its `.ptd` (whatever the last `swap-experts` wrote); `experts=`
+runs it with other expert tensors without touching the files (a patched copy of the `.ptd` in a
+temporary directory), e.g. to evaluate freshly averaged generalists before committing them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edge_runtime.artifacts.executorch_open import check_identity, open_checked, patched_data_file
+from edge_runtime.artifacts.inputs import check_token_ids
+from edge_runtime.artifacts.manifest import KIND_ET_INFERENCE
+
+
+class ExecuTorchInference:
+    """A verified, loaded inference program. Not thread-safe (one ExecuTorch method instance)."""
+
+    def __init__(self, directory: str | Path, artifact: str = "pte-xnnpack", *,
+                 experts: Mapping[str, Any] | None = None, verify: bool = True,
+                 memory_budget_bytes: int | None = None) -> None:
+        from executorch.runtime import Runtime
+
+        self.manifest, self.entry = open_checked(directory, artifact, KIND_ET_INFERENCE, verify, memory_budget_bytes)
+        self.artifact = artifact
+        self._workdir: tempfile.TemporaryDirectory | None = None
+        data_path = self.manifest.path(artifact, "data")
+        if experts:
+            self._workdir = tempfile.TemporaryDirectory(prefix="comigs-experts-")
+            data_path = patched_data_file(self.manifest, artifact, experts, self._workdir)
+        program = Runtime.get().load_program(self.manifest.path(artifact, "program"), data_path=data_path)
+        check_identity(self.manifest, artifact, set(program.method_names),
+                       lambda name: program.load_method(name).execute([])[0])
+        self._program = program
+        self._method = program.load_method(self.entry.get("method", "forward"))
+        self.vocab_size = int(self.manifest.data["base_model"]["vocab_size"])
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        seq = self.entry["dims"]["seq"]
+        ids = check_token_ids(input_ids, what=f"{self.artifact} input_ids", batch=self.entry["batch"],
+                              seq_min=seq["min"], seq_max=seq["max"], vocab_size=self.vocab_size)
+        return self._method.execute([ids])[0]
+
+    def close(self) -> None:
+        self._method = None
+        self._program = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> ExecuTorchInference:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

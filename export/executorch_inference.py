@@ -1,0 +1,91 @@
+"""Inference `.pte` (portable kernels or XNNPACK) with every expert and router tensor in a `.ptd`.
+
+`forward(input_ids[batch, T]) -> logits[batch, T, vocab]` with a dynamic sequence length T in
+[1, max_seq_len] and a fixed batch (XNNPACK supports one dynamic dimension). The activation
+arena is planned for T = max_seq_len.
+
+Portable: `torch.export` -> `to_edge` -> `to_executorch`. XNNPACK: on the unlifted graph every
+expert factor becomes a static per-expert weight of a `linear` (see graph_rewrites), the graph is
+re-exported and lowered with the XNNPACK partitioner. Frozen base weights are packed into the
+delegate inside the `.pte`; expert and router weights are delegate constants stored in the
+`.ptd` under the sha256 of their export-time placeholder bytes, mapped back to parameter slices
+in the manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from edge_runtime.artifacts.layout import data_file, program_file
+from edge_runtime.artifacts.manifest import KIND_ET_INFERENCE
+from export.errors import ExportError
+from export.executorch_common import emit, identity_methods, tag_delegate_constants
+from export.graph_rewrites import dynamic_matmuls_to_bmm, split_expert_selects, transposed_weights_to_linear
+from export.prepare import PROGRAM_PREFIX, InferenceModule, canonical_name
+
+Backend = Literal["portable", "xnnpack"]
+EXAMPLE_SEQ = 16
+
+
+def _export(wrapper: nn.Module, batch: int, max_seq_len: int) -> tuple[Any, tuple[torch.Tensor], Any]:
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
+    example = (torch.zeros(batch, min(EXAMPLE_SEQ, max_seq_len), dtype=torch.long),)
+    dynamic = ({1: seq},)
+    return torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False), example, dynamic
+
+
+def export_inference(model: nn.Module, *, fmt: str, backend: Backend, batch: int, max_seq_len: int,
+                     export_id: int, placeholders: Mapping[str, torch.Tensor],
+                     real_values: Mapping[str, torch.Tensor], staging: Path) -> dict[str, Any]:
+    """Export one inference program into `staging`; returns its manifest entry (without hashes)."""
+    from executorch.exir import to_edge, to_edge_transform_and_lower
+
+    if max_seq_len < 2:
+        raise ExportError(f"--max-seq-len must be at least 2, got {max_seq_len}.")
+    started = time.perf_counter()
+    wrapper = InferenceModule(model).eval()
+    with torch.no_grad():
+        ep, example, dynamic = _export(wrapper, batch, max_seq_len)
+        rewrites: dict[str, int] = {}
+        derived: dict[str, tuple[str, int]] = {}
+        if backend == "xnnpack":
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+            unlifted = ep.module()
+            split = split_expert_selects(
+                unlifted, lambda fqn: fqn.startswith(PROGRAM_PREFIX) and canonical_name(fqn) in placeholders)
+            derived = {canonical_name(new): (canonical_name(old), i) for new, (old, i) in split.items()}
+            rewrites = {"expert_slices": len(split), "linear": transposed_weights_to_linear(unlifted),
+                        "bmm": dynamic_matmuls_to_bmm(unlifted)}
+            ep = torch.export.export(unlifted, example, dynamic_shapes=dynamic, strict=False)
+            tag_delegate_constants(ep, set(placeholders) | set(derived))
+            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                               constant_methods=identity_methods(export_id))
+        elif backend == "portable":
+            edge = to_edge(ep, constant_methods=identity_methods(export_id))
+        else:
+            raise ExportError(f"unknown ExecuTorch backend {backend!r}; use 'portable' or 'xnnpack'.")
+        program = program_file(fmt)
+        data = data_file(fmt, 0)
+        emitted = emit(edge, placeholders, staging / program, staging / data, real_values, fmt, derived)
+    return {
+        "kind": KIND_ET_INFERENCE,
+        "backend": backend,
+        "files": {"program": program, "data": data},
+        "method": "forward",
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [batch, "seq"]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [batch, "seq", "vocab"]}],
+        "dims": {"seq": {"min": 1, "max": max_seq_len}},
+        "batch": batch,
+        "pluggable": emitted.key_map,
+        "memory": {"arena_bytes": emitted.arena_bytes, "buffer_sizes": emitted.buffer_sizes,
+                   "program_bytes": emitted.program_bytes, "data_bytes": emitted.data_bytes},
+        "graph_rewrites": rewrites,
+        "export_seconds": round(time.perf_counter() - started, 2),
+    }

@@ -1,0 +1,110 @@
+"""Training `.pte`: one joint forward/backward program for on-device CoMiGS training.
+
+`forward(input_ids[b, T], targets[b, T]) -> (loss, logits, gradients..., parameters...)` with
+the loss (cross-entropy + lb_weight x load balancing, exactly the eager trainer's objective) as
+output 0. Trainable: specialists and routers, and the generalists when asked (a device of a
+federation trains its generalists locally too; a device that only personalises does not).
+Frozen generalists stay pluggable constants; trainable tensors are mutable weights; both live in
+the one `.ptd` next to the program, so new generalists or restored specialists are swapped
+without re-exporting. Both phases of bi-level training use this one method with two optimizers
+over disjoint parameter groups (two methods in one program would not share weights).
+
+Shapes are static (batch x seq_len): the activation arena, read from the program into the
+manifest, is then the exact working memory of a step.
+
+The XNNPACK variant decomposes mm/addmm into bmm so XNNPACK delegates every matmul of the joint
+graph (it does not delegate mm with two runtime operands). Its softmax partitioner is left out:
+with it the XNNPACK delegate fails on this graph ("pass through arguments") because a
+router softmax output is both a delegate output and an input of a later partition; softmax runs
+in the portable kernel instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from edge_runtime import roles
+from edge_runtime.artifacts.layout import data_file, program_file
+from edge_runtime.artifacts.manifest import KIND_ET_TRAINING
+from export.errors import ExportError
+from export.executorch_common import emit, identity_methods, tag_delegate_constants
+from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM
+from export.prepare import requires_grad_only, training_module
+
+Backend = Literal["portable", "xnnpack"]
+
+
+def trainable_names(model: nn.Module, train_generalists: bool) -> dict[str, str]:
+    """Parameter name -> role of what the training program differentiates."""
+    wanted = {roles.Role.SPECIALIST, roles.Role.ROUTER} | ({roles.Role.GENERALIST} if train_generalists else set())
+    return {name: roles.role_of(name).value for name, _ in model.named_parameters()
+            if roles.role_of(name) in wanted}
+
+
+def _xnnpack_partitioner() -> Any:
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS, SoftmaxConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c is not SoftmaxConfig])
+
+
+def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int, seq_len: int,
+                    train_generalists: bool, export_id: int, placeholders: Mapping[str, torch.Tensor],
+                    real_values: Mapping[str, torch.Tensor], staging: Path) -> dict[str, Any]:
+    """Export the joint forward/backward program into `staging`; returns its manifest entry."""
+    from executorch.exir import to_edge, to_edge_transform_and_lower
+    from torch.export.experimental import _export_forward_backward
+
+    if batch < 1 or seq_len < 2:
+        raise ExportError(f"training batch must be >= 1 and seq_len >= 2, got {batch} x {seq_len}.")
+    trainable = trainable_names(model, train_generalists)
+    if not trainable:
+        raise ExportError("nothing to train: the model has no specialists or routers; export with "
+                          "--train-generalists or a layout with specialists (e.g. --experts 1,1).")
+    started = time.perf_counter()
+    example = (torch.zeros(batch, seq_len, dtype=torch.long), torch.zeros(batch, seq_len, dtype=torch.long))
+    with requires_grad_only(model, set(trainable)):
+        ep = torch.export.export(training_module(model).eval(), example, strict=False)
+        ep = _export_forward_backward(ep)
+    table = dict(CORE_ATEN_FIXES)
+    if backend == "xnnpack":
+        table.update(MATMULS_TO_BMM)
+    ep = ep.run_decompositions(table)
+    if backend == "xnnpack":
+        tag_delegate_constants(ep, set(placeholders))
+        edge = to_edge_transform_and_lower(ep, partitioner=[_xnnpack_partitioner()],
+                                           constant_methods=identity_methods(export_id))
+    elif backend == "portable":
+        edge = to_edge(ep, constant_methods=identity_methods(export_id))
+    else:
+        raise ExportError(f"unknown ExecuTorch backend {backend!r}; use 'portable' or 'xnnpack'.")
+    program = program_file(fmt)
+    data = data_file(fmt, 0)
+    emitted = emit(edge, placeholders, staging / program, staging / data, real_values, fmt)
+    groups = {"experts": sorted(n for n, r in trainable.items() if r != roles.Role.ROUTER.value),
+              "router": sorted(n for n, r in trainable.items() if r == roles.Role.ROUTER.value)}
+    return {
+        "kind": KIND_ET_TRAINING,
+        "backend": backend,
+        "files": {"program": program, "data": data},
+        "method": "forward",
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [batch, seq_len]},
+                   {"name": "targets", "dtype": "int64", "shape": [batch, seq_len]}],
+        "outputs": [{"name": "loss", "dtype": "float32", "shape": []},
+                    {"name": "logits", "dtype": "float32", "shape": [batch, seq_len, "vocab"]}],
+        "batch": batch,
+        "seq_len": seq_len,
+        "loss_output": 0,
+        "trainable": trainable,
+        "optimizer_groups": groups,
+        "pluggable": emitted.key_map,
+        "memory": {"arena_bytes": emitted.arena_bytes, "buffer_sizes": emitted.buffer_sizes,
+                   "program_bytes": emitted.program_bytes, "data_bytes": emitted.data_bytes},
+        "export_seconds": round(time.perf_counter() - started, 2),
+    }

@@ -1,0 +1,190 @@
+"""Graph rewrites that let XNNPACK run the expert matmuls, and one op ExecuTorch lacks.
+
+XNNPACK's linear/mm/addmm need a *static* weight. Expert factors are selected from stacked
+parameters (`A[e]`, a runtime `select`), so every LoRA matmul has two runtime operands and
+would fall back to ExecuTorch's portable kernels (about 1 GFLOP/s), splitting the delegate
+into many small partitions on the way. So:
+
+- inference (on the unlifted graph, where parameters are `get_attr` nodes):
+  `split_expert_selects` turns `select(P, 0, e)` of a pluggable stacked parameter into a
+  static per-expert tensor `P__e` (the manifest maps its key back to `P[e]`), and
+  `transposed_weights_to_linear` turns `addmm(b, x, t(W))` / `mm(x, t(W))` of such a static
+  weight back into `linear`: XNNPACK then packs every expert factor once, like a base weight.
+  `dynamic_matmuls_to_bmm` catches whatever matmul still has a runtime weight (XNNPACK delegates
+  `bmm` with two runtime operands).
+- training: the joint forward/backward graph is core ATen (`mm`, `addmm`) where the trainable
+  weights and all gradients are runtime values, so every `mm`/`addmm` is decomposed into `bmm`
+  (DESIGN.md §4, measured faster than eager for GPT-2-small).
+
+`aten.empty_permuted` (from the backward of SiLU/GELU) is not in the core ATen opset that
+ExecuTorch verifies; it is rewritten as `empty` + `permute`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+def _bmm_2d(graph: fx.Graph, a: fx.Node, b: Any) -> fx.Node:
+    a3 = graph.call_function(aten.unsqueeze.default, (a, 0))
+    b3 = graph.call_function(aten.unsqueeze.default, (b, 0))
+    return graph.call_function(aten.squeeze.dims, (graph.call_function(aten.bmm.default, (a3, b3)), [0]))
+
+
+SPLIT_SUFFIX = "__"
+
+
+def split_expert_selects(gm: fx.GraphModule, is_pluggable: Callable[[str], bool]) -> dict[str, tuple[str, int]]:
+    """Replace `select(P, 0, e)` of pluggable parameters by new static tensors `P__e`.
+
+    Returns {new parameter FQN: (FQN of P, e)}. The new tensors hold copies of `P[e]`; the
+    exporter maps their data-file keys back to slices of P.
+    """
+    derived: dict[str, tuple[str, int]] = {}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target == aten.select.int and _is_static(node.args[0])
+                and node.args[1] == 0 and is_pluggable(node.args[0].target)):
+            continue
+        target, index = node.args[0].target, int(node.args[2])
+        stacked = gm.get_parameter(target)
+        index = index % stacked.shape[0]
+        owner_path, _, leaf = target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        new_leaf = f"{leaf}{SPLIT_SUFFIX}{index}"
+        if not hasattr(owner, new_leaf):
+            owner.register_parameter(new_leaf, torch.nn.Parameter(stacked[index].detach().clone(),
+                                                                  requires_grad=False))
+        new_fqn = f"{owner_path}.{new_leaf}" if owner_path else new_leaf
+        derived[new_fqn] = (target, index)
+        with graph.inserting_before(node):
+            replacement = graph.get_attr(new_fqn)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return derived
+
+
+def _transposed_static(node: Any) -> fx.Node | None:
+    """W when `node` is t(W) / transpose(W, 0, 1) / permute(W, [1, 0]) of a static 2-D weight."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    source = node.args[0] if node.args else None
+    if not _is_static(source) or _rank(node) != 2:
+        return None
+    if node.target == aten.t.default:
+        return source
+    if node.target == aten.transpose.int and sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]:
+        return source
+    if node.target == aten.permute.default and [int(d) % 2 for d in node.args[1]] == [1, 0]:
+        return source
+    return None
+
+
+def transposed_weights_to_linear(gm: fx.GraphModule) -> int:
+    """`addmm(b, x, t(W))` -> `b + linear(x, W)` and `mm(x, t(W))` -> `linear(x, W)` for static W."""
+    graph = gm.graph
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.addmm.default, aten.mm.default):
+            continue
+        if node.target == aten.addmm.default:
+            bias, x, mat2 = node.args[:3]
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                continue
+        else:
+            bias, (x, mat2) = None, node.args
+        weight = _transposed_static(mat2)
+        if weight is None:
+            continue
+        with graph.inserting_before(node):
+            out = graph.call_function(aten.linear.default, (x, weight))
+            if bias is not None:
+                out = graph.call_function(aten.add.Tensor, (bias, out))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        rewritten += 1
+    graph.lint()
+    gm.recompile()
+    return rewritten
+
+
+def _is_static(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _rank(node: Any) -> int | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def dynamic_matmuls_to_bmm(gm: fx.GraphModule) -> int:
+    """Rewrite linear/mm/addmm with a non-parameter weight into bmm, in an *unlifted* graph
+    (`ExportedProgram.module()`, where parameters are `get_attr` nodes). Returns how many."""
+    graph = gm.graph
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        out: fx.Node | None = None
+        if node.target == aten.linear.default:
+            x, weight = node.args[0], node.args[1]
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if _is_static(weight) or _rank(x) != 2:
+                continue
+            with graph.inserting_before(node):
+                out = _bmm_2d(graph, x, graph.call_function(aten.t.default, (weight,)))
+                if bias is not None:
+                    out = graph.call_function(aten.add.Tensor, (out, bias))
+        elif node.target == aten.addmm.default:
+            bias, a, b = node.args[:3]
+            beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+            if _is_static(b) or beta != 1 or alpha != 1:
+                continue
+            with graph.inserting_before(node):
+                out = graph.call_function(aten.add.Tensor, (bias, _bmm_2d(graph, a, b)))
+        elif node.target == aten.mm.default:
+            a, b = node.args
+            if _is_static(b):
+                continue
+            with graph.inserting_before(node):
+                out = _bmm_2d(graph, a, b)
+        if out is not None:
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            rewritten += 1
+    graph.lint()
+    gm.recompile()
+    return rewritten
+
+
+def _mm_as_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0)
+
+
+def _addmm_as_bmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1,
+                  alpha: float = 1) -> torch.Tensor:
+    return bias * beta + alpha * torch.bmm(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0)
+
+
+def _empty_permuted(size: list[int], physical_layout: list[int], *, dtype: Any = None, layout: Any = None,
+                    device: Any = None, pin_memory: Any = None) -> torch.Tensor:
+    physical = torch.empty([size[i] for i in physical_layout], dtype=dtype, device=device)
+    inverse = [0] * len(physical_layout)
+    for logical, dim in enumerate(physical_layout):
+        inverse[dim] = logical
+    return physical.permute(inverse)
+
+
+CORE_ATEN_FIXES: dict[Any, Callable[..., torch.Tensor]] = {aten.empty_permuted.default: _empty_permuted}
+MATMULS_TO_BMM: dict[Any, Callable[..., torch.Tensor]] = {
+    aten.mm.default: _mm_as_bmm,
+    aten.addmm.default: _addmm_as_bmm,
+}
