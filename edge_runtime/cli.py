@@ -15,8 +15,10 @@ from collections.abc import Sequence
 # Modules that contribute subcommands, in the order `comigs --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "edge_runtime.commands",
+    "edge_runtime.model.cli",
     "edge_runtime.data.cli",
     "edge_runtime.simulation.cli",
+    "edge_runtime.agent.cli",
     "sync_service.cli",
     "export.cli",
 )
