@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from edge_runtime.model.adapters import load_adapters, read_adapter_config
@@ -15,13 +16,13 @@ from edge_runtime.model.loading import load_base_model
 
 def build_comigs_model(source: str | Path, config: CoMiGSConfig | None = None,
                        adapters: str | Path | None = None, attn_implementation: str = "sdpa",
-                       with_tokenizer: bool = True) -> tuple[nn.Module, Any]:
+                       with_tokenizer: bool = True, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """(injected model, tokenizer). With `adapters` and no `config`, the adapters' own layout is used."""
     if config is None:
         config = (CoMiGSConfig.from_dict(read_adapter_config(adapters)["comigs"]) if adapters
                   else CoMiGSConfig())
     model, tokenizer = load_base_model(source, attn_implementation=attn_implementation,
-                                       with_tokenizer=with_tokenizer)
+                                       with_tokenizer=with_tokenizer, dtype=dtype)
     inject_comigs(model, config)
     if adapters:
         load_adapters(model, adapters)

@@ -50,22 +50,85 @@ def resolve_model_source(source: str | Path) -> tuple[Path, str | None]:
     return path, None
 
 
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_base_dtype(name: str) -> torch.dtype:
+    """'fp32' or 'bf16' (the storage and compute dtype of the frozen base weights)."""
+    if name not in BASE_DTYPES:
+        raise ValueError(f"unknown base dtype {name!r}; choose one of {', '.join(BASE_DTYPES)}.")
+    return BASE_DTYPES[name]
+
+
 def load_base_model(source: str | Path = DEFAULT_MODEL, attn_implementation: str = "sdpa",
-                    with_tokenizer: bool = True) -> tuple[nn.Module, Any]:
-    """(model in fp32, eval mode; tokenizer or None). GGUF weights are dequantised to fp32."""
+                    with_tokenizer: bool = True, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """(model in `dtype`, eval mode; tokenizer or None). GGUF weights are dequantised.
+
+    `dtype=torch.bfloat16` halves the frozen weights (what a 1 GB device needs; the LoRA experts
+    and routers injected later stay fp32). Loading a GGUF file dequantises every tensor to fp32
+    first, so on a small device load a directory written by `comigs model convert` instead: its
+    bf16 safetensors load without an fp32 copy.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, gguf_file = resolve_model_source(source)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
                                                  attn_implementation=attn_implementation, **kwargs)
     model.eval()
     # GGUF loading leaves a quantization config behind that blocks save_pretrained; the
     # weights are plain fp32 tensors by now.
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
+    _page_in(model)
     model.comigs_base_info = {"source": str(directory / gguf_file) if gguf_file else str(directory)}
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs) if with_tokenizer else None
     return model, tokenizer
+
+
+def load_tokenizer(source: str | Path = DEFAULT_MODEL) -> Any | None:
+    """The tokenizer stored with a model, or None if the source has none (e.g. a bare weights dir)."""
+    from transformers import AutoTokenizer
+
+    directory, gguf_file = resolve_model_source(source)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _page_in(model: nn.Module) -> None:
+    """Touch every weight once. Safetensors are memory-mapped and paged in lazily; a device must
+    see (and the budget planner measure) the memory its model holds right after loading, not
+    halfway through the first training step."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.numel():
+                tensor.detach().reshape(-1).max()
+
+
+def count_base_parameters(source: str | Path = DEFAULT_MODEL) -> int:
+    """Parameters of the base model at `source`, without loading its weights (meta device), so a
+    device can decide how to load it before it commits any memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory, gguf_file = resolve_model_source(source)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    config = AutoConfig.from_pretrained(directory, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def is_gguf_source(source: str | Path) -> bool:
+    return resolve_model_source(source)[1] is not None

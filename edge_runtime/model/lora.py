@@ -50,24 +50,30 @@ class ExpertBank(nn.Module):
             setattr(self, roles.SPECIALIST_A, _lora_A(n_specialists, rank, d_in))
             setattr(self, roles.SPECIALIST_B, _lora_B(n_specialists, d_out, rank))
 
-    def factors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of one expert, as views (indexing, never concatenating, parameters)."""
+    def factors(self, expert: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one expert, as views (indexing, never concatenating, parameters).
+
+        With `dtype` (the activations' dtype of a base model stored in bf16) the fp32 factors are
+        cast for the matmul; their gradients still arrive in fp32. A no-op for fp32 activations.
+        """
         if expert < self.n_generalists:
-            return getattr(self, roles.GENERALIST_A)[expert], getattr(self, roles.GENERALIST_B)[expert]
-        i = expert - self.n_generalists
-        return getattr(self, roles.SPECIALIST_A)[i], getattr(self, roles.SPECIALIST_B)[i]
+            a, b = getattr(self, roles.GENERALIST_A)[expert], getattr(self, roles.GENERALIST_B)[expert]
+        else:
+            i = expert - self.n_generalists
+            a, b = getattr(self, roles.SPECIALIST_A)[i], getattr(self, roles.SPECIALIST_B)[i]
+        return (a, b) if dtype in (None, a.dtype) else (a.to(dtype), b.to(dtype))
 
     def delta(self, x: torch.Tensor, expert: int, gate: torch.Tensor | None = None) -> torch.Tensor:
         """`gate * s * B_e (A_e x)`: two skinny matmuls.
 
         The scale and the optional per-row gate multiply the rank-r code, not the wide output.
         """
-        a, b = self.factors(expert)
+        a, b = self.factors(expert, x.dtype)
         return F.linear(self._code(x, a, gate), b)
 
     def add_delta(self, base_out: torch.Tensor, x: torch.Tensor, expert: int) -> torch.Tensor:
         """`base_out + delta(x)` for 2-D rows, with the add fused into the B matmul (addmm)."""
-        a, b = self.factors(expert)
+        a, b = self.factors(expert, x.dtype)
         return torch.addmm(base_out, self._code(x, a, None), b.t())
 
     def _code(self, x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:

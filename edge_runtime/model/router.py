@@ -28,7 +28,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, d) -> gate weights (N, k), expert indices (N, k), load-balancing loss ()."""
-        logits = F.linear(x, self.weight).float()
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)  # bf16 base model
+        logits = F.linear(x, weight).float()
         probs = torch.softmax(logits, dim=-1)
         top_logits, experts = torch.topk(logits, self.top_k, dim=-1)
         if self.top_k == 1:

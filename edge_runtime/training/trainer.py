@@ -174,6 +174,9 @@ class LocalTrainer:
                 (loss / n_micro).backward()
                 loss_sum += float(loss.detach())
                 ce_sum += float(ce)
+                del loss, ce
+                if self.config.release_memory:
+                    release_free_memory()  # between micro-batches too: freed activations must not pile up
             if self.config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
             for optimizer in optimizers:
