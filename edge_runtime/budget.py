@@ -67,10 +67,12 @@ def choose_base_dtype(budget_mb: float, n_params: int, gguf: bool, runtime_bytes
         return torch.bfloat16
     hint = (" Loading a GGUF file needs an fp32 copy of every weight: convert it once with `comigs model convert "
             "--model SOURCE --dtype bf16 --out DIR` (on any machine) and pass --model DIR." if gguf else "")
+    need = -(-bf16_peak // MB)
     raise BudgetError(
-        f"a memory budget of {budget_mb:.0f} MB cannot hold this {n_params / 1e6:.0f} M-parameter base model even in "
-        f"bf16: about {-(-bf16_peak // MB)} MB are needed (runtime {runtime / MB:.0f} MB, weights "
-        f"{2 * n_params / MB:.0f} MB, training headroom {TRAINING_HEADROOM / MB:.0f} MB).{hint}")
+        f"a memory budget of {budget_mb:.0f} MB cannot hold this base model ({n_params:,} parameters) even in "
+        f"bf16: about {need} MB are needed (runtime {runtime / MB:.0f} MB, weights {2 * n_params / MB:.0f} MB, "
+        f"training headroom {TRAINING_HEADROOM / MB:.0f} MB). Use --budget-mb {need} or more, or a smaller "
+        f"model.{hint}")
 
 
 @dataclasses.dataclass(frozen=True)
