@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx
 
@@ -59,3 +61,31 @@ def test_generated_source_is_not_kept():
     assert len(graph_module._loader.eval_cache) == size + 1
     x, y = torch.randn(3), torch.randn(3)
     torch.testing.assert_close(gm(x, y)[1], (2 * (torch.relu(x) + y)).sum())
+
+
+def _lowered_graph(fast: bool) -> str:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from tests.builders import tiny_comigs
+
+    model = tiny_comigs("llama", n_generalists=1, n_specialists=3)
+    for layer in model.modules():
+        if hasattr(layer, "force_dense"):
+            layer.force_dense = True
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    program = torch.export.export(model, (), {"input_ids": ids, "use_cache": False}, strict=False)
+    context = compact_dependency_viewers() if fast else contextlib.nullcontext()
+    with context:
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    return str(lowered.exported_program().graph)
+
+
+def test_fast_merge_check_partitions_like_the_original():
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import GroupBasedPartitioner
+
+    original = GroupBasedPartitioner._can_merge_partitions
+    fast_graph = _lowered_graph(fast=True)
+    assert GroupBasedPartitioner._can_merge_partitions is original, "restored after the block"
+    assert fast_graph == _lowered_graph(fast=False)
+    assert "executorch_call_delegate" in fast_graph
