@@ -23,5 +23,9 @@ test: install assets
 lint: install
 	$(PYTHON) -m ruff check .
 
+# Every benchmark, one after the other (run on an otherwise idle machine: they time things).
 bench: install assets
 	$(PYTHON) benchmarks/bench_experts.py
+	$(PYTHON) benchmarks/bench_sync.py
+	$(PYTHON) benchmarks/bench_edge.py
+	$(PYTHON) benchmarks/bench_export.py
