@@ -25,7 +25,7 @@ from torch import nn
 from edge_runtime.artifacts.layout import data_file, program_file
 from edge_runtime.artifacts.manifest import KIND_ET_INFERENCE
 from export.errors import ExportError
-from export.executorch_common import emit, identity_methods, tag_delegate_constants
+from export.executorch_common import emit, lower
 from export.graph_rewrites import dynamic_matmuls_to_bmm, split_expert_selects, transposed_weights_to_linear
 from export.prepare import PROGRAM_PREFIX, InferenceModule, canonical_name
 
@@ -44,8 +44,6 @@ def export_inference(model: nn.Module, *, fmt: str, backend: Backend, batch: int
                      export_id: int, placeholders: Mapping[str, torch.Tensor],
                      real_values: Mapping[str, torch.Tensor], staging: Path) -> dict[str, Any]:
     """Export one inference program into `staging`; returns its manifest entry (without hashes)."""
-    from executorch.exir import to_edge, to_edge_transform_and_lower
-
     if max_seq_len < 2:
         raise ExportError(f"--max-seq-len must be at least 2, got {max_seq_len}.")
     started = time.perf_counter()
@@ -55,8 +53,6 @@ def export_inference(model: nn.Module, *, fmt: str, backend: Backend, batch: int
         rewrites: dict[str, int] = {}
         derived: dict[str, tuple[str, int]] = {}
         if backend == "xnnpack":
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
             unlifted = ep.module()
             split = split_expert_selects(
                 unlifted, lambda fqn: fqn.startswith(PROGRAM_PREFIX) and canonical_name(fqn) in placeholders)
@@ -64,13 +60,7 @@ def export_inference(model: nn.Module, *, fmt: str, backend: Backend, batch: int
             rewrites = {"expert_slices": len(split), "linear": transposed_weights_to_linear(unlifted),
                         "bmm": dynamic_matmuls_to_bmm(unlifted)}
             ep = torch.export.export(unlifted, example, dynamic_shapes=dynamic, strict=False)
-            tag_delegate_constants(ep, set(placeholders) | set(derived))
-            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                               constant_methods=identity_methods(export_id))
-        elif backend == "portable":
-            edge = to_edge(ep, constant_methods=identity_methods(export_id))
-        else:
-            raise ExportError(f"unknown ExecuTorch backend {backend!r}; use 'portable' or 'xnnpack'.")
+        edge = lower(ep, backend, export_id, set(placeholders) | set(derived))
         program = program_file(fmt)
         data = data_file(fmt, 0)
         emitted = emit(edge, placeholders, staging / program, staging / data, real_values, fmt, derived)

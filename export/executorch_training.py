@@ -33,7 +33,7 @@ from edge_runtime import roles
 from edge_runtime.artifacts.layout import data_file, program_file
 from edge_runtime.artifacts.manifest import KIND_ET_TRAINING
 from export.errors import ExportError
-from export.executorch_common import emit, identity_methods, tag_delegate_constants
+from export.executorch_common import emit, lower
 from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM
 from export.prepare import requires_grad_only, training_module
 
@@ -58,7 +58,6 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
                     train_generalists: bool, export_id: int, placeholders: Mapping[str, torch.Tensor],
                     real_values: Mapping[str, torch.Tensor], staging: Path) -> dict[str, Any]:
     """Export the joint forward/backward program into `staging`; returns its manifest entry."""
-    from executorch.exir import to_edge, to_edge_transform_and_lower
     from torch.export.experimental import _export_forward_backward
 
     if batch < 1 or seq_len < 2:
@@ -76,14 +75,8 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
     if backend == "xnnpack":
         table.update(MATMULS_TO_BMM)
     ep = ep.run_decompositions(table)
-    if backend == "xnnpack":
-        tag_delegate_constants(ep, set(placeholders))
-        edge = to_edge_transform_and_lower(ep, partitioner=[_xnnpack_partitioner()],
-                                           constant_methods=identity_methods(export_id))
-    elif backend == "portable":
-        edge = to_edge(ep, constant_methods=identity_methods(export_id))
-    else:
-        raise ExportError(f"unknown ExecuTorch backend {backend!r}; use 'portable' or 'xnnpack'.")
+    edge = lower(ep, backend, export_id, set(placeholders),
+                 partitioner=_xnnpack_partitioner() if backend == "xnnpack" else None)
     program = program_file(fmt)
     data = data_file(fmt, 0)
     emitted = emit(edge, placeholders, staging / program, staging / data, real_values, fmt)
