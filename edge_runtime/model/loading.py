@@ -85,7 +85,8 @@ def load_base_model(source: str | Path = DEFAULT_MODEL, attn_implementation: str
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
         model.is_quantized = False
-    _page_in(model)
+    if not gguf_file:  # GGUF tensors were just dequantised into memory; only mapped files page in lazily
+        _page_in(model)
     model.comigs_base_info = {"source": str(directory / gguf_file) if gguf_file else str(directory)}
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs) if with_tokenizer else None
     return model, tokenizer
