@@ -34,7 +34,7 @@ from edge_runtime.artifacts.layout import data_file, program_file
 from edge_runtime.artifacts.manifest import KIND_ET_TRAINING
 from export.errors import ExportError
 from export.executorch_common import emit, lower
-from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM
+from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM, transpose_weights_once
 from export.prepare import requires_grad_only, training_module
 
 Backend = Literal["portable", "xnnpack"]
@@ -75,6 +75,7 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
     if backend == "xnnpack":
         table.update(MATMULS_TO_BMM)
     ep = ep.run_decompositions(table)
+    transpose_weights_once(ep)
     edge = lower(ep, backend, export_id, set(placeholders),
                  partitioner=_xnnpack_partitioner() if backend == "xnnpack" else None)
     program = program_file(fmt)

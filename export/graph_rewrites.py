@@ -165,13 +165,51 @@ def dynamic_matmuls_to_bmm(gm: fx.GraphModule) -> int:
     return rewritten
 
 
+def transpose_weights_once(ep: Any) -> int:
+    """In a joint forward/backward graph, let the backward read each weight itself instead of
+    transposing the forward's transposed copy back. Returns how many transposes were removed.
+
+    Autograd of `mm(x, t(W))` computes `grad @ t(t(W))`, so the forward's `t(W)` stays alive from
+    the forward to the backward. In eager that is a free view; in an ExecuTorch program every
+    `permute` is a copy in the activation arena, so every weight of the model (and the 108 MiB
+    tied LM head of SmolLM2) was held twice in the arena across the whole step. Weights are
+    program inputs (parameters, constants) that live outside the arena anyway: reading them
+    again costs nothing, and the forward copy becomes short-lived, so the planner reuses it.
+    """
+    graph = ep.graph_module.graph
+    weights = {n for n in graph.nodes if n.op == "placeholder" and n.name not in ep.graph_signature.user_inputs}
+    removed = 0
+    for node in list(graph.nodes):
+        if not _is_transpose(node) or not _is_transpose(node.args[0]) or node.args[0].args[0] not in weights:
+            continue
+        node.replace_all_uses_with(node.args[0].args[0])
+        graph.erase_node(node)
+        removed += 1
+    graph.lint()
+    ep.graph_module.recompile()
+    return removed
+
+
+def _is_transpose(node: Any) -> bool:
+    """A 2-D transpose: t(X), transpose(X, 0, 1) or permute(X, [1, 0])."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or _rank(node) != 2:
+        return False
+    if node.target == aten.t.default:
+        return True
+    if node.target == aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    if node.target == aten.transpose.int:
+        return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+    return False
+
+
 def _mm_as_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.bmm(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0)
+    return torch.bmm(a.view((1, *a.shape)), b.view((1, *b.shape))).view(a.shape[0], b.shape[1])
 
 
 def _addmm_as_bmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1,
                   alpha: float = 1) -> torch.Tensor:
-    return bias * beta + alpha * torch.bmm(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0)
+    return bias * beta + alpha * _mm_as_bmm(a, b)
 
 
 def _empty_permuted(size: list[int], physical_layout: list[int], *, dtype: Any = None, layout: Any = None,

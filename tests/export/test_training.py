@@ -105,3 +105,50 @@ def test_training_inputs_must_fit_the_program(gpt2_export):
             trainer.forward_backward(token_ids((TRAIN_SHAPE[0], 5), 0), token_ids((TRAIN_SHAPE[0], 5), 1))
         with pytest.raises(ArtifactInputError, match="unknown phase"):
             trainer.step("everything", token_ids(TRAIN_SHAPE, 0), token_ids(TRAIN_SHAPE, 1))
+
+
+def test_backward_reads_weights_instead_of_transposing_them_back():
+    """Every frozen weight used as mm(x, t(W)) must not be kept transposed from forward to backward
+    (in an ExecuTorch program each transpose is an arena copy: SmolLM2's arena was 1175 MiB with
+    them); the rewritten joint graph computes exactly what it did before."""
+    from torch.export.experimental import _export_forward_backward
+
+    from export.executorch_training import trainable_names
+    from export.graph_rewrites import CORE_ATEN_FIXES, _is_transpose, transpose_weights_once
+    from export.prepare import prepare_for_export, requires_grad_only, training_module
+
+    from tests.export.export_helpers import eager_model
+
+    model = eager_model("llama")
+    prepare_for_export(model)
+    ids, targets = token_ids(TRAIN_SHAPE, seed=3), token_ids(TRAIN_SHAPE, seed=4)
+    with requires_grad_only(model, set(trainable_names(model, False))):
+        ep = torch.export.export(training_module(model).eval(), (ids, targets), strict=False)
+        ep = _export_forward_backward(ep).run_decompositions(dict(CORE_ATEN_FIXES))
+    before = _run_joint(ep, ids, targets)
+    weights = {n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in ep.graph_signature.user_inputs}
+    removed = transpose_weights_once(ep)
+
+    assert removed > 0
+    assert not [n for n in ep.graph.nodes
+                if _is_transpose(n) and _is_transpose(n.args[0]) and n.args[0].args[0] in weights]
+    after = _run_joint(ep, ids, targets)
+    assert len(after) == len(before)
+    for a, b in zip(after, before, strict=True):
+        assert torch.equal(a, b)
+
+
+def _run_joint(ep, *user_inputs):
+    """Call a joint forward/backward graph directly (ExportedProgram.module() cannot unflatten its
+    outputs): lifted weights first, in signature order, then the user inputs."""
+    from torch.export.graph_signature import InputKind
+
+    inputs, user = [], iter(user_inputs)
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            inputs.append(next(user))
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            inputs.append(ep.constants[spec.target])
+        else:
+            inputs.append(ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target])
+    return ep.graph_module(*inputs)
