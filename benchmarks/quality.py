@@ -37,8 +37,8 @@ class Schedule:
     test evaluation, which reads the whole test split, stays short); the paper uses 20 rounds x 10
     steps of 64 x 128 and 10 router steps every 30. Sized so the three scenarios (7 methods x 4
     devices each) fit the ~90 minutes the issue allows on this 2-core VM: a first schedule of
-    6 rounds x 5 steps of 8 x 128 took 19 minutes for the first method alone, i.e. about
-    7 hours in all, and 4 x 4 steps of 4 x 128 about 13 minutes per method."""
+    6 rounds x 5 steps of 8 x 128 took 19 minutes for the first method alone (other work
+    shared the CPU), on course for hours in all, and 4 x 4 steps of 4 x 128 about 13 minutes per method."""
 
     rounds: int = 3
     local_steps: int = 4

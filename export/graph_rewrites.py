@@ -72,12 +72,12 @@ def split_expert_selects(gm: fx.GraphModule, is_pluggable: Callable[[str], bool]
     return derived
 
 
-def _transposed_static(node: Any) -> fx.Node | None:
-    """W when `node` is t(W) / transpose(W, 0, 1) / permute(W, [1, 0]) of a static 2-D weight."""
-    if not isinstance(node, fx.Node) or node.op != "call_function":
+def _transpose_source(node: Any) -> fx.Node | None:
+    """X when `node` is a 2-D transpose of X: t(X), transpose(X, 0, 1) or permute(X, [1, 0])."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or _rank(node) != 2:
         return None
     source = node.args[0] if node.args else None
-    if not _is_static(source) or _rank(node) != 2:
+    if not isinstance(source, fx.Node):
         return None
     if node.target == aten.t.default:
         return source
@@ -86,6 +86,12 @@ def _transposed_static(node: Any) -> fx.Node | None:
     if node.target == aten.permute.default and [int(d) % 2 for d in node.args[1]] == [1, 0]:
         return source
     return None
+
+
+def _transposed_static(node: Any) -> fx.Node | None:
+    """W when `node` is a transpose of a static 2-D weight W."""
+    source = _transpose_source(node)
+    return source if _is_static(source) else None
 
 
 def transposed_weights_to_linear(gm: fx.GraphModule) -> int:
@@ -180,27 +186,15 @@ def transpose_weights_once(ep: Any) -> int:
     weights = {n for n in graph.nodes if n.op == "placeholder" and n.name not in ep.graph_signature.user_inputs}
     removed = 0
     for node in list(graph.nodes):
-        if not _is_transpose(node) or not _is_transpose(node.args[0]) or node.args[0].args[0] not in weights:
+        weight = _transpose_source(_transpose_source(node))
+        if weight not in weights:
             continue
-        node.replace_all_uses_with(node.args[0].args[0])
+        node.replace_all_uses_with(weight)
         graph.erase_node(node)
         removed += 1
     graph.lint()
     ep.graph_module.recompile()
     return removed
-
-
-def _is_transpose(node: Any) -> bool:
-    """A 2-D transpose: t(X), transpose(X, 0, 1) or permute(X, [1, 0])."""
-    if not isinstance(node, fx.Node) or node.op != "call_function" or _rank(node) != 2:
-        return False
-    if node.target == aten.t.default:
-        return True
-    if node.target == aten.permute.default:
-        return list(node.args[1]) == [1, 0]
-    if node.target == aten.transpose.int:
-        return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
-    return False
 
 
 def _mm_as_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

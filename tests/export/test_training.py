@@ -114,7 +114,7 @@ def test_backward_reads_weights_instead_of_transposing_them_back():
     from torch.export.experimental import _export_forward_backward
 
     from export.executorch_training import trainable_names
-    from export.graph_rewrites import CORE_ATEN_FIXES, _is_transpose, transpose_weights_once
+    from export.graph_rewrites import CORE_ATEN_FIXES, _transpose_source, transpose_weights_once
     from export.prepare import prepare_for_export, requires_grad_only, training_module
 
     from tests.export.export_helpers import eager_model
@@ -130,8 +130,7 @@ def test_backward_reads_weights_instead_of_transposing_them_back():
     removed = transpose_weights_once(ep)
 
     assert removed > 0
-    assert not [n for n in ep.graph.nodes
-                if _is_transpose(n) and _is_transpose(n.args[0]) and n.args[0].args[0] in weights]
+    assert not [n for n in ep.graph.nodes if _transpose_source(_transpose_source(n)) in weights]
     after = _run_joint(ep, ids, targets)
     assert len(after) == len(before)
     for a, b in zip(after, before, strict=True):
