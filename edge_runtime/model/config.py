@@ -29,7 +29,8 @@ class CoMiGSConfig:
     generalist_share: float = 0.5
     attention_lora: bool = False
     # Recompute the per-expert hidden activations in backward instead of saving them:
-    # this is what lets an 8-expert device train in the memory of a 1-expert one.
+    # this is what lets an 8-expert device train in the memory of a 1-expert one. Applies to
+    # the dense mixing (k = E); the grouped mixing (k < E) always recomputes.
     recompute_experts: bool = True
 
     def __post_init__(self) -> None:

@@ -63,6 +63,16 @@ class ExpertBank(nn.Module):
             a, b = getattr(self, roles.SPECIALIST_A)[i], getattr(self, roles.SPECIALIST_B)[i]
         return (a, b) if dtype in (None, a.dtype) else (a.to(dtype), b.to(dtype))
 
+    def factor_stacks(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, ...]:
+        """(generalist A, generalist B, specialist A, specialist B), None where a group is empty.
+
+        The parameters themselves (cast for a bf16 base model), not a concatenation: a copy
+        of every expert's factors per layer would be saved for backward.
+        """
+        names = (roles.GENERALIST_A, roles.GENERALIST_B, roles.SPECIALIST_A, roles.SPECIALIST_B)
+        stacks = [getattr(self, name, None) for name in names]
+        return tuple(t if t is None or dtype in (None, t.dtype) else t.to(dtype) for t in stacks)
+
     def delta(self, x: torch.Tensor, expert: int, gate: torch.Tensor | None = None) -> torch.Tensor:
         """`gate * s * B_e (A_e x)`: two skinny matmuls.
 

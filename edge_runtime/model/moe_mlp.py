@@ -10,12 +10,14 @@ so the down projection also runs once, on the gate-weighted hidden state. GPT-2'
 same with h_e = act(c_fc x + ...) and c_proj as the down map.
 
 Two ways to evaluate the mixture, with identical results:
-- *grouped* (training, k < E): token slots are sorted by expert and each expert only processes
-  its own tokens, so the cost does not grow with the number of experts a device holds;
+- *grouped* (k < E): token slots are sorted by expert and each expert only processes its own
+  tokens, so the cost does not grow with the number of experts a device holds; one autograd
+  Function with a hand-written backward (`grouped_experts.py`);
 - *dense* (k = E, and always under torch.export): every expert on every token with zero gates
   for the unselected ones; static shapes, as ExecuTorch and ONNX need.
 The per-expert hidden states (the only activations that scale with k) are recomputed in the
-backward pass instead of being saved (`recompute_experts`).
+backward pass instead of being saved: always on the grouped path, and on the dense path when
+`recompute_experts` is set (by torch's checkpoint).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from edge_runtime import roles
 from edge_runtime.model.config import CoMiGSConfig
-from edge_runtime.model.dispatch import SlotOrder
+from edge_runtime.model.grouped_experts import ExpertGroups, grouped_mixture
 from edge_runtime.model.lora import ExpertBank, linear_dims
 from edge_runtime.model.router import Router
 
@@ -86,11 +88,12 @@ class CoMiGSMLP(nn.Module):
                 self._record(weights, experts)
         exporting = torch.compiler.is_exporting()
         dense = self.force_dense or exporting or router is None or router.top_k == self.n_experts
-        mix = self._mix_dense if dense else self._mix_grouped
-        if self.config.recompute_experts and self.training and torch.is_grad_enabled() and not exporting:
-            hbar, delta = checkpoint(mix, x, weights, experts, *pre, use_reentrant=False)
+        if not dense:
+            hbar, delta = self._mix_grouped(x, weights, experts, *pre)  # recomputes in its own backward
+        elif self.config.recompute_experts and self.training and torch.is_grad_enabled() and not exporting:
+            hbar, delta = checkpoint(self._mix_dense, x, weights, experts, *pre, use_reentrant=False)
         else:
-            hbar, delta = mix(x, weights, experts, *pre)
+            hbar, delta = self._mix_dense(x, weights, experts, *pre)
         out = getattr(self.base, self.out_name)(hbar) + delta
         dropout = getattr(self.base, "dropout", None)  # GPT-2 applies it after c_proj
         if dropout is not None:
@@ -128,27 +131,12 @@ class CoMiGSMLP(nn.Module):
 
     def _mix_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                      *pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sort token slots by expert; each expert processes only its own rows.
-
-        Inputs are gathered into expert order once and `split` (one backward node, where
-        slicing would allocate a full-size gradient per expert); outputs are concatenated and
-        gathered back. The cost is independent of how many experts the device holds.
-        """
-        slots = SlotOrder.from_experts(experts, self.n_experts)
-        counts = slots.counts
-        x_groups = slots.dispatch(x).split(counts)
-        pre_groups = [slots.dispatch(p).split(counts) for p in pre]
-        w_groups = weights.reshape(-1).index_select(0, slots.order).unsqueeze(-1).split(counts)
-        out_bank = self.experts[self.out_name]
-        h_parts, d_parts = [], []
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            h = self._hidden(x_groups[e], [p[e] for p in pre_groups], e)
-            w = w_groups[e]
-            h_parts.append(h * w)
-            d_parts.append(out_bank.delta(h, e, gate=w))
-        return slots.combine(torch.cat(h_parts)), slots.combine(torch.cat(d_parts))
+        """Each expert processes only its own token slots (see `grouped_experts`)."""
+        return grouped_mixture(
+            x, pre, weights, ExpertGroups.from_experts(experts), self.config.n_generalists,
+            [self.experts[name].factor_stacks(x.dtype) for name in self.in_names],
+            self.experts[self.out_name].factor_stacks(x.dtype),
+            getattr(self.base, self.act_name), self.config.scale)
 
 
 def record_routing(model: nn.Module, enabled: bool = True) -> None:
