@@ -97,20 +97,30 @@ def grouped_mixture(x: torch.Tensor, pre: Sequence[torch.Tensor], weights: torch
 class _Bank:
     """One linear's four factor stacks (or their gradients), addressed by expert index."""
 
-    def __init__(self, stacks: Sequence[torch.Tensor | None], n_generalists: int) -> None:
-        self.stacks, self.n_generalists = list(stacks), n_generalists
+    def __init__(self, stacks: Sequence[torch.Tensor | None], n_generalists: int, n_experts: int) -> None:
+        self.stacks, self.n_generalists, self.n_experts = list(stacks), n_generalists, n_experts
+        # Views per expert, made once: the loops below index them for every piece of every block.
+        self._a = [self._view(e, 0) for e in range(n_experts)]
+        self._b = [self._view(e, 1) for e in range(n_experts)]
+
+    def _view(self, expert: int, which: int) -> torch.Tensor | None:
+        at, row = self._where(expert)
+        return None if self.stacks[at + which] is None else self.stacks[at + which][row]
 
     def _where(self, expert: int) -> tuple[int, int]:
         """(index of the expert's A stack among the four, its row there); B is next to A."""
         return (0, expert) if expert < self.n_generalists else (2, expert - self.n_generalists)
 
     def a(self, expert: int) -> torch.Tensor | None:
-        at, row = self._where(expert)
-        return None if self.stacks[at] is None else self.stacks[at][row]
+        return self._a[expert]
 
     def b(self, expert: int) -> torch.Tensor | None:
-        at, row = self._where(expert)
-        return None if self.stacks[at + 1] is None else self.stacks[at + 1][row]
+        return self._b[expert]
+
+    def scaled_b(self, scale: float) -> _Bank:
+        """The same bank with s·B: the LoRA scale then rides on the tiny factors, not on every row."""
+        return _Bank([t if t is None or i % 2 == 0 else t * scale for i, t in enumerate(self.stacks)],
+                     self.n_generalists, self.n_experts)
 
     @property
     def rank(self) -> int:
@@ -123,7 +133,7 @@ class _Bank:
     def zero_grads(self, needs: Sequence[bool]) -> _Bank:
         """A bank of zero gradients for the stacks that need one (None elsewhere)."""
         return _Bank([torch.zeros_like(t) if need else None for t, need in zip(self.stacks, needs, strict=True)],
-                     self.n_generalists)
+                     self.n_generalists, self.n_experts)
 
 
 class _Mixture:
@@ -131,14 +141,15 @@ class _Mixture:
 
     def __init__(self, groups: ExpertGroups, banks: list[_Bank], act: Callable[[torch.Tensor], torch.Tensor],
                  scale: float) -> None:
+        banks = [bank.scaled_b(scale) for bank in banks]
         self.groups, self.in_banks, self.out_bank = groups, banks[:-1], banks[-1]
-        self.act, self.scale = act, scale
+        self.act = act
 
     def inputs(self, block: Block, xs: torch.Tensor, pre: Sequence[torch.Tensor],
                codes: Sequence[torch.Tensor], fresh: bool) -> list[torch.Tensor]:
         """Per row, each input linear's base pre-activation plus its expert's delta.
 
-        `codes` (the block's rows of s·A_e x) are written when `fresh`, else reused.
+        `codes` (the block's rows of A_e x) are written when `fresh`, else reused.
         """
         tokens = self.groups.tokens[block.lo:block.hi]
         out = []
@@ -146,7 +157,6 @@ class _Mixture:
             if fresh:
                 for e, lo, hi in block.pieces:
                     torch.mm(xs[lo:hi], bank.a(e).t(), out=code[lo:hi])
-                code.mul_(self.scale)
             a = p.index_select(0, tokens)
             for e, lo, hi in block.pieces:
                 a[lo:hi].addmm_(code[lo:hi], bank.b(e).t())
@@ -167,7 +177,6 @@ class _Mixture:
         hbar.index_add_(0, tokens, hw)
         for e, lo, hi in block.pieces:
             torch.mm(hw[lo:hi], self.out_bank.a(e).t(), out=out_codes[lo:hi])
-        out_codes.mul_(self.scale)
         rows = torch.empty_like(delta[:block.hi - block.lo])
         for e, lo, hi in block.pieces:
             torch.mm(out_codes[lo:hi], self.out_bank.b(e).t(), out=rows[lo:hi])
@@ -190,10 +199,9 @@ class _Mixture:
         grad_rows = grad_delta.index_select(0, tokens)
         bank, grad_bank = self.out_bank, grads.out_bank
         for e, lo, hi in block.pieces:
-            grad_code = grad_rows[lo:hi] @ bank.b(e)
+            grad_code = grad_rows[lo:hi] @ bank.b(e)  # s·B: already the code's scaled gradient
             if (grad_b := grad_bank.b(e)) is not None:
-                grad_b.addmm_(grad_rows[lo:hi].t(), out_codes[lo:hi])
-            grad_code.mul_(self.scale)
+                grad_b.addmm_(grad_rows[lo:hi].t(), out_codes[lo:hi])  # times s at the end
             if (grad_a := grad_bank.a(e)) is not None:
                 grad_a.addmm_((grad_code * gates[lo:hi]).t(), h[lo:hi])
             grad_hw[lo:hi].addmm_(grad_code, bank.a(e))
@@ -217,7 +225,6 @@ class _Mixture:
                 grad_code = grad_a_in[lo:hi] @ bank.b(e)
                 if (grad_b := grad_bank.b(e)) is not None:
                     grad_b.addmm_(grad_a_in[lo:hi].t(), codes[i][lo:hi])
-                grad_code.mul_(self.scale)
                 if (grad_a := grad_bank.a(e)) is not None:
                     grad_a.addmm_(grad_code.t(), xs[lo:hi])
                 if grad_xs is not None:
@@ -244,7 +251,8 @@ class _GroupedMixture(Function):
     def forward(ctx, x, weights, groups, n_generalists, act, scale, *tensors):
         n_in = (len(tensors) - 4) // 5
         pre, stacks = tensors[:n_in], tensors[n_in:]
-        banks = [_Bank(stacks[4 * i:4 * i + 4], n_generalists) for i in range(n_in + 1)]
+        n_experts = sum(t.shape[0] for t in stacks[0:4:2] if t is not None)
+        banks = [_Bank(stacks[4 * i:4 * i + 4], n_generalists, n_experts) for i in range(n_in + 1)]
         mixture = _Mixture(groups, banks, act, scale)
         rows = groups.tokens.numel()
         gates = weights.reshape(-1).index_select(0, groups.order).unsqueeze(-1)
@@ -257,6 +265,7 @@ class _GroupedMixture(Function):
             mixture.forward(block, x, pre, gates[rows_of], [c[rows_of] for c in codes], out_codes[rows_of],
                             hbar, delta)
         ctx.groups, ctx.n_generalists, ctx.act, ctx.scale, ctx.n_in = groups, n_generalists, act, scale, n_in
+        ctx.n_experts = n_experts
         ctx.save_for_backward(x, weights, *pre, *stacks, *codes, out_codes)
         return hbar, delta
 
@@ -267,7 +276,7 @@ class _GroupedMixture(Function):
         x, weights, pre = saved[0], saved[1], saved[2:2 + n_in]
         stacks = saved[2 + n_in:6 + 5 * n_in]
         codes, out_codes = saved[6 + 5 * n_in:6 + 6 * n_in], saved[-1]
-        banks = [_Bank(stacks[4 * i:4 * i + 4], n_gen) for i in range(n_in + 1)]
+        banks = [_Bank(stacks[4 * i:4 * i + 4], n_gen, ctx.n_experts) for i in range(n_in + 1)]
         needs = ctx.needs_input_grad
         grad_banks = [bank.zero_grads(needs[6 + n_in + 4 * i:10 + n_in + 4 * i]) for i, bank in enumerate(banks)]
         grads = _Grads(
@@ -288,5 +297,9 @@ class _GroupedMixture(Function):
         grad_weights = None
         if grads.gates is not None:
             grad_weights = torch.empty_like(grads.gates).index_copy_(0, groups.order, grads.gates).view(weights.shape)
+        for bank in grad_banks:  # the B gradients were taken with respect to s·B
+            for grad_b in bank.stacks[1::2]:
+                if grad_b is not None:
+                    grad_b.mul_(ctx.scale)
         grad_stacks = [t for bank in grad_banks for t in bank.stacks]
         return (grads.x, grad_weights, None, None, None, None, *grads.pre, *grad_stacks)
