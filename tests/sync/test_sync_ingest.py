@@ -70,6 +70,18 @@ def test_norm_is_bit_identical_whatever_the_chunking(store: Store, encoding: str
     assert norms.pop() == pytest.approx(expected, rel=1e-6)
 
 
+def test_norm_survives_a_float32_sum_of_squares_that_overflows(store: Store) -> None:
+    """Squares of 1e19 are finite in float32 but four of them sum past its maximum (3.4e38)."""
+    delta = make_delta(3, dyadic=False)
+    target = sorted(generalist_shapes())[0]
+    delta[target].flat[:4] = 1e19
+    payload = enc.encode(delta, "fp32")
+    norms = {_receive(store, payload, chunk) for chunk in (4096, len(payload))}
+    assert len(norms) == 1
+    expected = np.sqrt(sum(float(np.sum(delta[n].astype(np.float64) ** 2)) for n in delta))
+    assert norms.pop() == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("chunk", [64, 4096, 1 << 20])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
 def test_non_finite_value_names_its_tensor_in_runs_and_split_tensors(store: Store, chunk: int, bad: float) -> None:
