@@ -238,8 +238,9 @@ class DeltaValidator:
                     if not np.all(np.isfinite(np.square(tensor))):
                         self._raise_non_finite(entry, tensor)
                     offset += entry.nbytes
-                # Every square is finite, only a float32 sum overflowed: sum in float64 instead.
-                sums = np.add.reduceat(np.square(values).astype(np.float64), starts)
+                # Every square is finite, only some float32 sums overflowed: those tensors (and only
+                # those, so the result does not depend on which tensors shared the run) sum in float64.
+                sums = np.where(np.isfinite(sums), sums, np.add.reduceat(np.square(values).astype(np.float64), starts))
         for total in sums.tolist():
             self._sum_squares += total
 

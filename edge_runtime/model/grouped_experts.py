@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.autograd import Function
 
+from edge_runtime.model.lora import stack_position
+
 
 @dataclasses.dataclass(frozen=True)
 class Block:
@@ -95,7 +97,7 @@ def grouped_mixture(x: torch.Tensor, pre: Sequence[torch.Tensor], weights: torch
 
 
 class _Bank:
-    """One linear's four factor stacks (or their gradients), addressed by expert index."""
+    """One linear's four factor stacks (`ExpertBank.factor_stacks`, or their gradients) by expert."""
 
     def __init__(self, stacks: Sequence[torch.Tensor | None], n_generalists: int, n_experts: int) -> None:
         self.stacks, self.n_generalists, self.n_experts = list(stacks), n_generalists, n_experts
@@ -104,12 +106,8 @@ class _Bank:
         self._b = [self._view(e, 1) for e in range(n_experts)]
 
     def _view(self, expert: int, which: int) -> torch.Tensor | None:
-        at, row = self._where(expert)
+        at, row = stack_position(expert, self.n_generalists)
         return None if self.stacks[at + which] is None else self.stacks[at + which][row]
-
-    def _where(self, expert: int) -> tuple[int, int]:
-        """(index of the expert's A stack among the four, its row there); B is next to A."""
-        return (0, expert) if expert < self.n_generalists else (2, expert - self.n_generalists)
 
     def a(self, expert: int) -> torch.Tensor | None:
         return self._a[expert]
@@ -124,7 +122,7 @@ class _Bank:
 
     @property
     def rank(self) -> int:
-        return next(t for t in self.stacks if t is not None).shape[1]
+        return next(t for t in self.stacks[::2] if t is not None).shape[1]  # A: (n, r, d_in)
 
     @property
     def d_out(self) -> int:

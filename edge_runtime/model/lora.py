@@ -30,6 +30,14 @@ def _lora_B(n: int, d_out: int, rank: int) -> nn.Parameter:
     return nn.Parameter(torch.zeros(n, d_out, rank))
 
 
+def stack_position(expert: int, n_generalists: int) -> tuple[int, int]:
+    """Where expert e's factors live in `ExpertBank.factor_stacks()`: (index of its A stack, row).
+
+    Its B stack follows at index + 1. Expert e < G is generalist e, otherwise specialist e - G.
+    """
+    return (0, expert) if expert < n_generalists else (2, expert - n_generalists)
+
+
 class ExpertBank(nn.Module):
     """LoRA factors of all experts of one linear map `d_in -> d_out`.
 
@@ -56,11 +64,9 @@ class ExpertBank(nn.Module):
         With `dtype` (the activations' dtype of a base model stored in bf16) the fp32 factors are
         cast for the matmul; their gradients still arrive in fp32. A no-op for fp32 activations.
         """
-        if expert < self.n_generalists:
-            a, b = getattr(self, roles.GENERALIST_A)[expert], getattr(self, roles.GENERALIST_B)[expert]
-        else:
-            i = expert - self.n_generalists
-            a, b = getattr(self, roles.SPECIALIST_A)[i], getattr(self, roles.SPECIALIST_B)[i]
+        at, row = stack_position(expert, self.n_generalists)
+        stacks = self.factor_stacks()
+        a, b = stacks[at][row], stacks[at + 1][row]
         return (a, b) if dtype in (None, a.dtype) else (a.to(dtype), b.to(dtype))
 
     def factor_stacks(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, ...]:
