@@ -124,6 +124,9 @@ def serve_raw(cert: str, key: str, ready_file: str, max_workers: int, mode: str 
         def GetTask(self, request, context):  # noqa: N802 - gRPC method name
             return pb.GetTaskResponse()
 
+        def AcquireUploadSlot(self, request, context):  # noqa: N802 - the client asks once per upload
+            return pb.AcquireUploadSlotResponse(granted=True, retry_after_ms=60_000)
+
         def UploadDelta(self, request_iterator, context):  # noqa: N802
             if mode == "store":
                 return self._store(request_iterator, context)
@@ -302,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-workers", type=int, default=16, help="server gRPC handler threads (both servers)"
     )
     parser.add_argument(
+        "--upload-slots",
+        type=int,
+        default=None,
+        help="the coordinator's upload slots (default: its own default, max-workers - 4; 0: no admission)",
+    )
+    parser.add_argument(
         "--chunk-kib",
         type=int,
         default=DEFAULT_CHUNK_BYTES // 1024,
@@ -391,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             "--log-level",
             "warning",
         ]
+        if args.upload_slots is not None:
+            command += ["--upload-slots", str(args.upload_slots)]
         def reference_server(mode: str) -> tuple[subprocess.Popen, Path, Path]:
             ready_file, log_file = tmp / f"{mode}.json", tmp / f"{mode}.log"
             with open(log_file, "wb") as log:
@@ -457,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             peak_kib = rss_kib(server.pid, "VmHWM")
+            polls = {
+                outcome: _scrape(info["metrics_port"]).get(
+                    f'comigs_sync_upload_slot_requests_total{{outcome="{outcome}"}}', 0.0
+                )
+                for outcome in ("granted", "queued")
+            }
             raw_peak_kib = rss_kib(raw.pid, "VmHWM")
         finally:
             for process in (raw, floor, server):
@@ -525,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         "int8_rel_l2_error": round(int8_rel_l2, 5),
         "int8_max_abs_error_over_max_abs": round(int8_max_abs / max_abs, 5),
         "server_max_workers": args.max_workers,
+        "upload_slots": "server default" if args.upload_slots is None else args.upload_slots,
+        "slot_requests_per_upload": round(sum(polls.values()) / (args.devices * args.repeat), 2),
         "transport": "TLS over loopback, one connection per device, all devices upload at once",
         "measured_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpus": os.cpu_count(),
@@ -552,8 +571,8 @@ def _scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     values = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")  # labelled samples keep their labels in the name
             values[name] = float(value)
     return values
 
@@ -632,6 +651,11 @@ def render_table(f: dict) -> str:
             "  coordinator's own share",
             f"{f['coordinator_own_rss_over_delta']:.2f} x delta",
             "(peak - idle) minus the trivial servicer's",
+        ),
+        (
+            "upload admission",
+            f"{f['upload_slots']} slots",
+            f"{f['slot_requests_per_upload']:.2f} AcquireUploadSlot calls per upload",
         ),
         ("aggregation of the round", f"{f['aggregation_s']:.2f} s", f"{f['devices']} uploads, streamed"),
         (

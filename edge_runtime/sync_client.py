@@ -233,6 +233,7 @@ class SyncClient:
         self._transfer_timeout = transfer_timeout_s
         self._sleep = sleep
         self._rng = random.Random()
+        self._use_slots = True
         self._state = _State.load(Path(state_path).expanduser() if state_path else None)
         options = [
             ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -466,12 +467,14 @@ class SyncClient:
             total_bytes=len(payload),
             payload_sha256=digest,
         )
-        response = self._call(
-            "UploadDelta",
-            lambda: self._stub.UploadDelta(
+
+        def attempt() -> pb.UploadDeltaResponse:
+            self._wait_for_slot(round_id)
+            return self._stub.UploadDelta(
                 self._chunks(header, payload), metadata=self._metadata, timeout=self._transfer_timeout
-            ),
-        )
+            )
+
+        response = self._call("UploadDelta", attempt)
         with self._state.lock:
             entry = self._state.uploads.get(str(round_id))
             if entry is not None and entry["key"] == key:
@@ -532,6 +535,41 @@ class SyncClient:
             }
             self._state.save()  # durable before the first byte is sent
             return key
+
+    def _wait_for_slot(self, round_id: int) -> None:
+        """Queue for one of the coordinator's upload slots; return once granted.
+
+        The coordinator streams a bounded number of uploads at once and tells the others when their
+        turn should come, so waiting costs neither side memory. Every attempt (retries included) queues
+        again: a slot is only held for a short while. Coordinators without admission control answer
+        UNIMPLEMENTED, and the client stops asking.
+        """
+        if not self._use_slots:
+            return
+        request = pb.AcquireUploadSlotRequest(device_id=self.device_id, round_id=round_id)
+        deadline = time.monotonic() + self._transfer_timeout
+        while True:
+            try:
+                grant = self._stub.AcquireUploadSlot(
+                    request, metadata=self._metadata, timeout=self._rpc_timeout
+                )
+            except grpc.RpcError as exc:
+                if callable(getattr(exc, "code", None)) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._use_slots = False
+                    return
+                raise
+            if grant.granted:
+                return
+            wait = grant.retry_after_ms / 1000 * self._rng.uniform(1.0, 1.1)  # de-synchronise the queue
+            if time.monotonic() + wait > deadline:
+                raise SyncError(
+                    "AcquireUploadSlot",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no upload slot within {self._transfer_timeout:.0f} s ({grant.queue_position} devices "
+                    f"ahead, {grant.slots} slots); try again later",
+                    1,
+                )
+            self._sleep(wait)
 
     def _chunks(self, header: pb.UploadHeader, payload: bytes) -> Iterator[pb.UploadDeltaRequest]:
         yield pb.UploadDeltaRequest(header=header)

@@ -154,6 +154,20 @@ def _add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     ops = serve.add_argument_group("operations")
     ops.add_argument("--max-workers", type=int, default=16, help="gRPC handler threads (concurrent RPCs)")
     ops.add_argument(
+        "--upload-slots",
+        type=_non_negative_int,
+        default=None,
+        help="upload streams received at once; other devices queue for a slot, first come first served "
+        "(default: max-workers - 4; 0: no admission control)",
+    )
+    ops.add_argument(
+        "--idle-connection-timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds without any call after which a device's connection is closed (it reconnects on "
+        "its next call)",
+    )
+    ops.add_argument(
         "--keep-uploads",
         action="store_true",
         help="keep upload files after their round finishes (default: delete, keep the records)",
@@ -313,6 +327,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             metrics_listen=args.metrics_listen or None,
             max_workers=args.max_workers,
+            upload_slots=args.upload_slots,
+            idle_connection_s=args.idle_connection_timeout,
             keep_uploads=args.keep_uploads,
             ready_file=Path(args.ready_file) if args.ready_file else None,
             tick_interval_s=args.tick_interval,

@@ -105,6 +105,12 @@ class ServerConfig:
     #: host:port of the Prometheus endpoint; None disables it; port 0 picks a free one.
     metrics_listen: str | None = "127.0.0.1:9464"
     max_workers: int = 16
+    #: Upload streams served at once (see sync_service/admission.py); None: max_workers - 4 (at least 1),
+    #: leaving handler threads for the short calls; 0 disables admission (every stream is served).
+    upload_slots: int | None = None
+    #: A connection without any call for this long is closed (devices reconnect on their next call), so
+    #: devices busy training or waiting for their turn do not hold TLS state in the coordinator.
+    idle_connection_s: float = 120.0
     #: gRPC messages above this are refused by gRPC itself (RESOURCE_EXHAUSTED).
     max_message_bytes: int = 4 * 1024 * 1024 + 64 * 1024
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
@@ -122,5 +128,16 @@ class ServerConfig:
             raise ValueError("TLS needs both --tls-cert and --tls-key (or --insecure on a loopback address)")
         if self.max_workers < 2:
             raise ValueError("max_workers must be >= 2")
+        if self.upload_slots is not None and self.upload_slots < 0:
+            raise ValueError("upload_slots must be >= 0 (0: no admission control)")
+        if not (self.idle_connection_s > 0 and math.isfinite(self.idle_connection_s)):
+            raise ValueError("idle_connection_s must be a positive number of seconds")
         if not 64 * 1024 <= self.download_chunk_bytes <= self.max_message_bytes - 1024:
             raise ValueError("download_chunk_bytes must be between 64 KiB and the message size limit")
+
+    @property
+    def slots(self) -> int:
+        """Upload slots in force (0: admission control off)."""
+        if self.upload_slots is not None:
+            return self.upload_slots
+        return max(1, self.max_workers - 4)

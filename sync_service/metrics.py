@@ -7,7 +7,12 @@ never device names.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from sync_service.admission import UploadSlots
 
 _SIZE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -59,4 +64,20 @@ class SyncMetrics:
             buckets=_SIZE_BUCKETS,
             registry=r,
         )
+        self.slot_requests = Counter(
+            "comigs_sync_upload_slot_requests",
+            "AcquireUploadSlot answers, by outcome (granted or queued)",
+            ["outcome"],
+            registry=r,
+        )
         self.reports = Counter("comigs_sync_metric_reports", "ReportMetrics calls stored", registry=r)
+
+    def watch_slots(self, slots: UploadSlots) -> None:
+        """Expose upload admission (read at scrape time): streams served and devices queued."""
+        for state, help_text in (
+            ("streaming", "Upload streams being received"),
+            ("granted", "Upload slots granted, stream not opened yet"),
+            ("waiting", "Devices queued for an upload slot"),
+        ):
+            gauge = Gauge(f"comigs_sync_upload_slots_{state}", help_text, registry=self.registry)
+            gauge.set_function(lambda state=state: slots.snapshot()[state])

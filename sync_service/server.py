@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sync_service import faults
+from sync_service.admission import UploadSlots
 from sync_service.auth import Authenticator
 from sync_service.config import ServerConfig
 from sync_service.durable import write_atomic
@@ -79,6 +80,10 @@ class SyncServicer(pb_grpc.SyncServiceServicer):
         self._max_upload = max_upload_bytes(store.manifest, config.max_header_bytes)
         self._inflight: set[str] = set()
         self._inflight_lock = threading.Lock()
+        # Two devices at the head of the queue may long-poll, if that still leaves two handler threads
+        # for the short calls beside the streams.
+        parked = max(0, min(2, config.max_workers - config.slots - 2))
+        self.slots = UploadSlots(config.slots, parked=parked) if config.slots else None
 
     # ------------------------------------------------------------------ error boundary
 
@@ -265,6 +270,24 @@ class SyncServicer(pb_grpc.SyncServiceServicer):
                 seq += 1
 
     @_rpc
+    def AcquireUploadSlot(self, request: pb.AcquireUploadSlotRequest, context: grpc.ServicerContext) -> Any:
+        device = self._device(context, request.device_id, "AcquireUploadSlotRequest.device_id")
+        # Only an unknown round is refused here: a closed round still answers a retried upload from its
+        # idempotency record, so that device must be able to get through.
+        if self._store.get_round(request.round_id) is None:
+            raise precondition(f"round {request.round_id} does not exist (ask GetTask)", "wrong_round")
+        if self.slots is None:
+            return pb.AcquireUploadSlotResponse(granted=True, retry_after_ms=60_000)
+        grant = self.slots.acquire(device)
+        self._metrics.slot_requests.labels("granted" if grant.granted else "queued").inc()
+        return pb.AcquireUploadSlotResponse(
+            granted=grant.granted,
+            retry_after_ms=math.ceil(grant.retry_after_s * 1000),
+            queue_position=grant.position,
+            slots=self.slots.capacity,
+        )
+
+    @_rpc
     def UploadDelta(
         self, request_iterator: Iterator[pb.UploadDeltaRequest], context: grpc.ServicerContext
     ) -> Any:
@@ -280,10 +303,29 @@ class SyncServicer(pb_grpc.SyncServiceServicer):
                 )
             self._inflight.add(device)
         try:
-            return self._upload(device, request_iterator, started)
+            self._enter_slot(device)
+            try:
+                return self._upload(device, request_iterator, started)
+            finally:
+                if self.slots is not None:
+                    self.slots.leave(device)
         finally:
             with self._inflight_lock:
                 self._inflight.discard(device)
+
+    def _enter_slot(self, device: str) -> None:
+        """Admit the stream before reading its payload, or refuse it while every slot is spoken for."""
+        if self.slots is None:
+            return
+        grant = self.slots.enter(device)
+        if not grant.granted:
+            raise SyncError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"all {self.slots.capacity} upload slots are taken and {grant.position} devices are "
+                "waiting for one: call AcquireUploadSlot and open the stream once it is granted "
+                f"(about {math.ceil(grant.retry_after_s * 1000)} ms from now)",
+                "no_upload_slot",
+            )
 
     def _upload(self, device: str, request_iterator: Iterator[pb.UploadDeltaRequest], started: float) -> Any:
         first = next(request_iterator, None)
@@ -387,9 +429,13 @@ class SyncServicer(pb_grpc.SyncServiceServicer):
         return pb.ReportMetricsResponse()
 
 
-def grpc_server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def grpc_server_options(max_message_bytes: int, idle_connection_s: float = 120.0) -> list[tuple[str, Any]]:
     """gRPC server options of the coordinator (the benchmark's trivial servicer uses the same)."""
     return [
+        # Each TLS connection costs the server ~66 KiB idle and ~200 KiB once it has carried an upload
+        # (benchmarks/probe_sync_memory.py); devices that are training or waiting for their turn need
+        # no connection, so one without calls is closed (GOAWAY; the client reconnects when needed).
+        ("grpc.max_connection_idle_ms", int(idle_connection_s * 1000)),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # A second coordinator must fail to bind instead of silently sharing the port.
@@ -446,14 +492,15 @@ class SyncServer:
         self.metrics = SyncMetrics()
         self.rounds = RoundManager(self.store, config.rounds, self.metrics, keep_uploads=config.keep_uploads)
         self.health = health.HealthServicer()
-        options = grpc_server_options(config.max_message_bytes)
+        options = grpc_server_options(config.max_message_bytes, config.idle_connection_s)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="sync-rpc"),
             options=options,
         )
-        pb_grpc.add_SyncServiceServicer_to_server(
-            SyncServicer(self.store, self.rounds, self.metrics, config), self._server
-        )
+        servicer = SyncServicer(self.store, self.rounds, self.metrics, config)
+        if servicer.slots is not None:
+            self.metrics.watch_slots(servicer.slots)
+        pb_grpc.add_SyncServiceServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server

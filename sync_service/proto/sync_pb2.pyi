@@ -198,6 +198,26 @@ class DownloadGeneralistResponse(_message.Message):
     chunk: Chunk
     def __init__(self, info: _Optional[_Union[GeneralistInfo, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
+class AcquireUploadSlotRequest(_message.Message):
+    __slots__ = ("device_id", "round_id")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    round_id: int
+    def __init__(self, device_id: _Optional[str] = ..., round_id: _Optional[int] = ...) -> None: ...
+
+class AcquireUploadSlotResponse(_message.Message):
+    __slots__ = ("granted", "retry_after_ms", "queue_position", "slots")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    retry_after_ms: int
+    queue_position: int
+    slots: int
+    def __init__(self, granted: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ..., queue_position: _Optional[int] = ..., slots: _Optional[int] = ...) -> None: ...
+
 class UploadHeader(_message.Message):
     __slots__ = ("device_id", "round_id", "base_version", "num_samples", "encoding", "idempotency_key", "total_bytes", "payload_sha256")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class SyncServiceStub:
                 request_serializer=comigs_dot_sync_dot_v1_dot_sync__pb2.DownloadGeneralistRequest.SerializeToString,
                 response_deserializer=comigs_dot_sync_dot_v1_dot_sync__pb2.DownloadGeneralistResponse.FromString,
                 _registered_method=True)
+        self.AcquireUploadSlot = channel.unary_unary(
+                '/comigs.sync.v1.SyncService/AcquireUploadSlot',
+                request_serializer=comigs_dot_sync_dot_v1_dot_sync__pb2.AcquireUploadSlotRequest.SerializeToString,
+                response_deserializer=comigs_dot_sync_dot_v1_dot_sync__pb2.AcquireUploadSlotResponse.FromString,
+                _registered_method=True)
         self.UploadDelta = channel.stream_unary(
                 '/comigs.sync.v1.SyncService/UploadDelta',
                 request_serializer=comigs_dot_sync_dot_v1_dot_sync__pb2.UploadDeltaRequest.SerializeToString,
@@ -88,9 +93,20 @@ class SyncServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireUploadSlot(self, request, context):
+        """Asks for one of the coordinator's upload slots before opening UploadDelta. The coordinator streams
+        a bounded number of uploads at once and queues the other devices first come, first served: not
+        granted, ask again after retry_after_ms (the device may close its connection meanwhile); granted,
+        open UploadDelta within retry_after_ms or the slot goes to the next device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadDelta(self, request_iterator, context):
         """A generalist delta as a chunked stream: one UploadHeader message, then Chunks in order.
-        Idempotent per (device, idempotency_key).
+        Idempotent per (device, idempotency_key). Without a granted slot, the stream is admitted only
+        while a slot is free that no queued device is waiting for; otherwise RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +136,11 @@ def add_SyncServiceServicer_to_server(servicer, server):
                     servicer.DownloadGeneralist,
                     request_deserializer=comigs_dot_sync_dot_v1_dot_sync__pb2.DownloadGeneralistRequest.FromString,
                     response_serializer=comigs_dot_sync_dot_v1_dot_sync__pb2.DownloadGeneralistResponse.SerializeToString,
+            ),
+            'AcquireUploadSlot': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireUploadSlot,
+                    request_deserializer=comigs_dot_sync_dot_v1_dot_sync__pb2.AcquireUploadSlotRequest.FromString,
+                    response_serializer=comigs_dot_sync_dot_v1_dot_sync__pb2.AcquireUploadSlotResponse.SerializeToString,
             ),
             'UploadDelta': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDelta,
@@ -214,6 +235,33 @@ class SyncService:
             '/comigs.sync.v1.SyncService/DownloadGeneralist',
             comigs_dot_sync_dot_v1_dot_sync__pb2.DownloadGeneralistRequest.SerializeToString,
             comigs_dot_sync_dot_v1_dot_sync__pb2.DownloadGeneralistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireUploadSlot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/comigs.sync.v1.SyncService/AcquireUploadSlot',
+            comigs_dot_sync_dot_v1_dot_sync__pb2.AcquireUploadSlotRequest.SerializeToString,
+            comigs_dot_sync_dot_v1_dot_sync__pb2.AcquireUploadSlotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,4 +47,11 @@ def test_reflection_lists_services_and_describes_the_contract(coordinator_factor
     contract = next(f for f in files if f.name == "comigs/sync/v1/sync.proto")
     assert contract.package == "comigs.sync.v1"
     methods = {m.name for m in contract.service[0].method}
-    assert methods == {"RegisterDevice", "GetTask", "DownloadGeneralist", "UploadDelta", "ReportMetrics"}
+    assert methods == {
+        "RegisterDevice",
+        "GetTask",
+        "DownloadGeneralist",
+        "AcquireUploadSlot",
+        "UploadDelta",
+        "ReportMetrics",
+    }

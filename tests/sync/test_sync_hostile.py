@@ -246,6 +246,13 @@ def _get_task(md: list[tuple[str, str]] | None, device_id: str = "") -> Callable
     return lambda w: w.stub.GetTask(pb.GetTaskRequest(device_id=device_id), metadata=md, timeout=10)
 
 
+def _acquire_slot(
+    md: list[tuple[str, str]] | None, device_id: str = "", round_id: int = 1
+) -> Callable[[World], None]:
+    request = pb.AcquireUploadSlotRequest(device_id=device_id, round_id=round_id)
+    return lambda w: w.stub.AcquireUploadSlot(request, metadata=md, timeout=10)
+
+
 CASES: list[tuple[str, Callable[[World], None], grpc.StatusCode, str]] = [
     # --- authentication and identity
     ("no_token", lambda w: _get_task(None)(w), UNAUTH, "missing credentials"),
@@ -281,6 +288,9 @@ CASES: list[tuple[str, Callable[[World], None], grpc.StatusCode, str]] = [
         "cannot act as 'a'",
     ),
     ("impersonation_get_task", lambda w: _get_task(w.md("b"), device_id="a")(w), DENIED, "cannot act as 'a'"),
+    ("slot_without_token", lambda w: _acquire_slot(None)(w), UNAUTH, "missing credentials"),
+    ("slot_impersonation", lambda w: _acquire_slot(w.md("b"), device_id="a")(w), DENIED, "cannot act as 'a'"),
+    ("slot_unknown_round", lambda w: _acquire_slot(w.md("a"), round_id=7)(w), PRECONDITION, "round 7 does not"),
     (
         "impersonation_upload_header",
         lambda w: w.upload(

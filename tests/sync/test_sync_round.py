@@ -9,7 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from edge_runtime.sync_client import Capabilities, RetryPolicy, SyncError
+from edge_runtime.sync_client import Capabilities, SyncError
 from sync_service import encoding
 from sync_service.config import LocalTrainingConfig, RoundConfig
 from sync_service.report import build_status, render_status
@@ -215,17 +215,21 @@ def test_one_upload_stream_per_device_at_a_time(coordinator_factory) -> None:
         started.wait(10)
         # Until the first stream's handler runs, the probe (aimed at a round that does not exist, so it can
         # never count) gets FAILED_PRECONDITION; once it runs, the probe must get ABORTED.
-        probe = coordinator.client("a", retry=RetryPolicy(max_attempts=1))
+        probe = [pb.UploadDeltaRequest(header=pb.UploadHeader(**{**_fields(header), "round_id": 99}))]
         for _ in range(200):
-            with pytest.raises(SyncError) as info:
-                probe.upload_delta(99, 0, make_delta(0), 1, idempotency_key="probe")
-            if info.value.code.name == "ABORTED":
-                assert "still in progress" in info.value.details
+            with pytest.raises(grpc.RpcError) as info:
+                stub.UploadDelta(iter(probe), metadata=metadata, timeout=10)
+            if info.value.code() == grpc.StatusCode.ABORTED:
+                assert "still in progress" in info.value.details()
                 break
-            assert info.value.code.name == "FAILED_PRECONDITION"
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
             time.sleep(0.01)
         else:
             raise AssertionError("the concurrent upload was never refused")
         release.set()
         first.join(30)
     assert results and results[0].round_uploads == 1
+
+
+def _fields(message) -> dict:  # type: ignore[no-untyped-def]
+    return {field.name: value for field, value in message.ListFields()}

@@ -1,6 +1,8 @@
 package dev.comigs.edge.core;
 
 import com.google.protobuf.ByteString;
+import dev.comigs.sync.v1.AcquireUploadSlotRequest;
+import dev.comigs.sync.v1.AcquireUploadSlotResponse;
 import dev.comigs.sync.v1.Action;
 import dev.comigs.sync.v1.Chunk;
 import dev.comigs.sync.v1.DeviceCapabilities;
@@ -178,6 +180,8 @@ public final class SyncClient implements AutoCloseable {
   private final ManagedChannel channel;
   private final SyncServiceGrpc.SyncServiceBlockingStub blocking;
   private final SyncServiceGrpc.SyncServiceStub async;
+  /** False once the coordinator answered UNIMPLEMENTED (one without upload admission). */
+  private volatile boolean useSlots = true;
   private final Random random = new Random();
   private String deviceId;
 
@@ -414,7 +418,10 @@ public final class SyncClient implements AutoCloseable {
         .setTotalBytes(payload.length)
         .setPayloadSha256(ByteString.copyFrom(AtomicFiles.sha256().digest(payload)))
         .build();
-    UploadDeltaResponse response = call("UploadDelta", () -> uploadOnce(header, payload));
+    UploadDeltaResponse response = call("UploadDelta", () -> {
+      waitForSlot(roundId);
+      return uploadOnce(header, payload);
+    });
     UploadResult result = new UploadResult();
     result.roundId = response.getRoundId();
     result.uploadId = response.getUploadId();
@@ -424,6 +431,42 @@ public final class SyncClient implements AutoCloseable {
     result.updateNorm = response.getUpdateNorm();
     result.clipped = response.getClipped();
     return result;
+  }
+
+  /**
+   * Queue for one of the coordinator's upload slots and return once granted. The coordinator streams a
+   * bounded number of uploads at once and says when to ask again, so a phone waits without holding a
+   * stream (or, for long waits, a connection). Every attempt queues again: a grant is short-lived.
+   */
+  private void waitForSlot(long roundId) throws SyncException, InterruptedException {
+    if (!useSlots) {
+      return;
+    }
+    AcquireUploadSlotRequest request =
+        AcquireUploadSlotRequest.newBuilder().setDeviceId(deviceId).setRoundId(roundId).build();
+    long deadline = System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(options.transferTimeoutMs);
+    while (true) {
+      AcquireUploadSlotResponse grant;
+      try {
+        grant = blocking.withDeadlineAfter(options.rpcTimeoutMs, TimeUnit.MILLISECONDS).acquireUploadSlot(request);
+      } catch (StatusRuntimeException ex) {
+        if (ex.getStatus().getCode() == Status.Code.UNIMPLEMENTED) {
+          useSlots = false;
+          return;
+        }
+        throw ex;
+      }
+      if (grant.getGranted()) {
+        return;
+      }
+      long wait = (long) (grant.getRetryAfterMs() * (1.0 + 0.1 * random.nextDouble())); // de-synchronise
+      if (System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(wait) > deadline) {
+        throw new SyncException("AcquireUploadSlot", Status.Code.DEADLINE_EXCEEDED,
+            "no upload slot within " + options.transferTimeoutMs + " ms (" + grant.getQueuePosition()
+                + " devices ahead, " + grant.getSlots() + " slots); try again later", 1);
+      }
+      Thread.sleep(wait);
+    }
   }
 
   private UploadDeltaResponse uploadOnce(UploadHeader header, byte[] payload) throws Exception {

@@ -1,0 +1,174 @@
+"""Upload admission: at most `capacity` upload streams at once, the others told when to come back.
+
+Why: every open upload stream costs the coordinator a handler thread and gRPC buffers (flow-control
+window, TLS records, a message being parsed), so memory and latency grew with the number of devices that
+happened to finish training at the same moment. With slots, a round of 10,000 devices streams like a
+round of `capacity` devices; the rest wait on their side, not in the server (the "pace steering" of
+Bonawitz et al., "Towards Federated Learning at Scale", 2019). Waiting is first come, first served, so
+the average upload latency also drops: devices are served one batch after another instead of all sharing
+the bandwidth until the end.
+
+Protocol: a device calls AcquireUploadSlot; granted, it opens UploadDelta within `grant_ttl_s`; not
+granted, it asks again after the `retry_after_s` it is given (an estimate of when its turn comes, from
+the measured stream durations). A stream opened without a grant is still admitted while a slot is free
+that no waiting device is entitled to (old clients and light load need no extra call); otherwise it gets
+RESOURCE_EXHAUSTED before a byte of payload is read.
+
+Pure bookkeeping over device names and a clock, no gRPC: the servicer maps the answers to messages.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+#: Bounds of the "ask again" hint. The hint is the expected time until the device's turn, so a device
+#: far back in the queue sleeps until then instead of polling (hundreds of waiting devices must not turn
+#: into a polling storm); the floor keeps the devices next in line from spinning.
+MIN_RETRY_S = 0.02
+MAX_RETRY_S = 30.0
+
+
+@dataclass(frozen=True)
+class Grant:
+    granted: bool
+    #: Not granted: ask again after this long. Granted: open the stream within this long.
+    retry_after_s: float
+    #: Not granted: devices waiting ahead of this one.
+    position: int = 0
+
+
+class UploadSlots:
+    """FIFO admission of upload streams. Thread-safe; every method is O(1) or O(queue) at worst.
+
+    `grant_ttl_s`: how long a granted slot waits for its stream before it is given to the next device.
+    `queue_ttl_s`: a waiting device that has not asked again for this long has gone away and loses its
+    place (it joins at the back if it returns).
+    `parked`: how many devices at the head of the queue may wait *in* `acquire` (a long poll, each
+    holding a handler thread) for up to `park_s`, so that a freed slot is taken at once instead of at
+    the next poll: measured, with polling alone the 2-core benchmark kept only 1.38 of its 2 cores busy
+    (slots sat free between a stream's end and the next device's poll).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        grant_ttl_s: float = 10.0,
+        queue_ttl_s: float = 30.0,
+        initial_stream_s: float = 1.0,
+        parked: int = 0,
+        park_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("upload slot capacity must be >= 1")
+        if parked < 0:
+            raise ValueError("parked must be >= 0")
+        self.capacity = capacity
+        self._grant_ttl = grant_ttl_s
+        self._queue_ttl = queue_ttl_s
+        self._parked_max = parked
+        self._park_s = park_s
+        self._parked = 0
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._granted: dict[str, float] = {}  # device -> grant expiry
+        self._streaming: dict[str, float] = {}  # device -> stream start
+        self._waiting: OrderedDict[str, float] = OrderedDict()  # device -> last time it asked
+        self._stream_s = initial_stream_s  # moving average of a stream's duration
+
+    # ------------------------------------------------------------------ device-facing
+
+    def acquire(self, device: str) -> Grant:
+        """A device asks for a slot: granted now, or its place in the queue and when to ask again.
+
+        At the head of the queue, and while fewer than `parked` devices are parked, waits up to `park_s`
+        for a slot to free (woken by `leave`).
+        """
+        with self._lock:
+            grant = self._acquire_locked(device)
+            if grant.granted or grant.position >= self._parked_max or self._parked >= self._parked_max:
+                return grant
+            self._parked += 1
+            try:
+                deadline = time.monotonic() + self._park_s
+                while not grant.granted and (remaining := deadline - time.monotonic()) > 0:
+                    self._lock.wait(remaining)
+                    grant = self._acquire_locked(device)
+                return grant
+            finally:
+                self._parked -= 1
+
+    def _acquire_locked(self, device: str) -> Grant:
+        now = self._clock()
+        self._expire(now)
+        if device in self._granted:  # not extended: asking again cannot hold a slot forever
+            return Grant(True, self._granted[device] - now)
+        if device in self._streaming:
+            # Its previous stream has not ended on this side yet; the new one will be told so.
+            return Grant(True, self._grant_ttl)
+        self._waiting[device] = now  # joins at the back, or keeps its place and refreshes it
+        position = list(self._waiting).index(device)
+        free = self.capacity - self._in_use()
+        if position < free:
+            del self._waiting[device]
+            self._granted[device] = now + self._grant_ttl
+            return Grant(True, self._grant_ttl)
+        return Grant(False, self._hint(position - free + 1), position)
+
+    def enter(self, device: str) -> Grant:
+        """An upload stream starts: admitted if the device holds a grant or a spare slot is free."""
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            if device in self._granted:
+                del self._granted[device]
+            else:
+                free = self.capacity - self._in_use()
+                if free <= len(self._waiting):  # every free slot belongs to a device that asked first
+                    return Grant(False, self._hint(len(self._waiting) - free + 1), len(self._waiting))
+            self._waiting.pop(device, None)
+            self._streaming[device] = now
+            return Grant(True, 0.0)
+
+    def leave(self, device: str) -> None:
+        """The device's upload stream ended (acknowledged, refused or broken): its slot is free."""
+        with self._lock:
+            started = self._streaming.pop(device, None)
+            if started is not None:
+                self._stream_s = 0.8 * self._stream_s + 0.2 * max(self._clock() - started, 0.0)
+                self._lock.notify_all()
+
+    # ------------------------------------------------------------------ for operators and tests
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            self._expire(self._clock())
+            return {
+                "capacity": self.capacity,
+                "streaming": len(self._streaming),
+                "granted": len(self._granted),
+                "waiting": len(self._waiting),
+            }
+
+    # ------------------------------------------------------------------ internals
+
+    def _hint(self, turns: int) -> float:
+        """When to ask again: slots free up about every stream_s / capacity seconds, `turns` are needed."""
+        return min(max(turns * self._stream_s / self.capacity, MIN_RETRY_S), MAX_RETRY_S)
+
+    def _in_use(self) -> int:
+        return len(self._granted) + len(self._streaming)
+
+    def _expire(self, now: float) -> None:
+        for device in [d for d, expiry in self._granted.items() if expiry <= now]:
+            del self._granted[device]
+        while self._waiting:
+            device, asked = next(iter(self._waiting.items()))
+            if now - asked < self._queue_ttl:
+                break
+            del self._waiting[device]

@@ -1,0 +1,256 @@
+"""Upload admission: a bounded number of upload streams, the other devices queued first come first served."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from edge_runtime.sync_client import RetryPolicy
+from sync_service import encoding
+from sync_service.admission import MAX_RETRY_S, MIN_RETRY_S, UploadSlots
+from sync_service.config import RoundConfig
+from sync_service.proto import sync_pb2 as pb
+from sync_service.proto import sync_pb2_grpc as pb_grpc
+
+from .sync_helpers import make_delta
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ------------------------------------------------------------------------------------------ bookkeeping
+
+
+def test_slots_are_granted_first_come_first_served_up_to_capacity() -> None:
+    slots = UploadSlots(2, clock=Clock())
+    assert slots.acquire("a").granted and slots.acquire("b").granted
+    c, d = slots.acquire("c"), slots.acquire("d")
+    assert (c.granted, c.position, d.granted, d.position) == (False, 0, False, 1)
+    assert slots.enter("a").granted
+    slots.leave("a")  # a slot frees: it belongs to c, who asked first, not to d
+    assert not slots.acquire("d").granted
+    assert slots.acquire("c").granted
+    assert slots.snapshot() == {"capacity": 2, "streaming": 0, "granted": 2, "waiting": 1}
+
+
+def test_a_stream_without_a_grant_only_takes_a_slot_nobody_is_waiting_for() -> None:
+    slots = UploadSlots(2, clock=Clock())
+    assert slots.enter("old-client").granted  # light load: no AcquireUploadSlot needed
+    assert slots.acquire("x").granted  # the second slot
+    assert not slots.acquire("y").granted  # y queues
+    slots.leave("old-client")  # one slot frees, but y asked for it first
+    refused = slots.enter("pushy")
+    assert not refused.granted and refused.position == 1 and refused.retry_after_s >= MIN_RETRY_S
+    assert slots.acquire("y").granted and slots.enter("y").granted and slots.enter("x").granted
+    slots.leave("x")
+    assert slots.enter("pushy").granted  # now nobody is waiting: a spare slot is anyone's
+
+
+def test_a_granted_slot_expires_if_its_stream_never_opens() -> None:
+    clock = Clock()
+    slots = UploadSlots(1, grant_ttl_s=10.0, clock=clock)
+    assert slots.acquire("a").granted
+    assert not slots.acquire("b").granted
+    clock.now = 6.0
+    again = slots.acquire("a")  # asking again does not extend the grant
+    assert again.granted and again.retry_after_s == pytest.approx(4.0)
+    clock.now = 10.5  # a never opened its stream
+    assert slots.acquire("b").granted
+    assert not slots.enter("a").granted  # a lost its slot; it queues again
+    assert not slots.acquire("a").granted
+
+
+def test_a_device_that_stops_asking_loses_its_place() -> None:
+    clock = Clock()
+    slots = UploadSlots(1, queue_ttl_s=30.0, clock=clock)
+    assert slots.acquire("a").granted and slots.enter("a").granted
+    assert slots.acquire("gone").position == 0
+    assert slots.acquire("b").position == 1
+    clock.now = 20.0
+    assert slots.acquire("b").position == 1  # b keeps asking
+    clock.now = 40.0  # "gone" last asked 40 s ago
+    assert slots.acquire("b").position == 0
+    slots.leave("a")
+    assert slots.acquire("b").granted
+
+
+def test_the_retry_hint_follows_measured_stream_times_and_stays_bounded() -> None:
+    clock = Clock()
+    slots = UploadSlots(4, initial_stream_s=1.0, clock=clock)
+    for device in "abcd":
+        assert slots.acquire(device).granted and slots.enter(device).granted
+    hints = [slots.acquire(f"w{i}").retry_after_s for i in range(8)]
+    assert hints == sorted(hints) and hints[0] == pytest.approx(0.25) and hints[7] == pytest.approx(2.0)
+    measured = UploadSlots(4, initial_stream_s=1.0, clock=clock)
+    for device in "abcd":
+        measured.enter(device)
+    for _ in range(30):  # streams turn out to take 0.2 s: slots free up five times faster
+        clock.now += 0.2
+        measured.leave("a")
+        assert measured.enter("a").granted
+    assert measured.acquire("w0").retry_after_s == pytest.approx(0.05, rel=0.05)
+    assert measured.acquire("w1").retry_after_s == pytest.approx(0.10, rel=0.05)
+    many = UploadSlots(1, initial_stream_s=1.0, clock=clock)
+    many.enter("busy")
+    assert max(many.acquire(f"q{i}").retry_after_s for i in range(40)) == MAX_RETRY_S
+
+
+def test_the_head_of_the_queue_waits_in_the_server_and_gets_a_freed_slot_at_once() -> None:
+    import time
+
+    slots = UploadSlots(1, parked=1, park_s=10.0)
+    assert slots.enter("a").granted
+    answers: dict[str, object] = {}
+    head = threading.Thread(target=lambda: answers.update(b=slots.acquire("b")))
+    head.start()
+    deadline = time.monotonic() + 5
+    while slots.snapshot()["waiting"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    second = slots.acquire("c")  # one device parks at most: c is told when to come back
+    assert not second.granted and second.position == 1 and time.monotonic() - started < 1.0
+    freed = time.monotonic()
+    slots.leave("a")
+    head.join(5)
+    assert answers["b"].granted and time.monotonic() - freed < 1.0  # not the 10 s park limit
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=">= 1"):
+        UploadSlots(0)
+
+
+# ------------------------------------------------------------------------------------------ on the wire
+
+
+def _slow_upload(coordinator, device: str, key: str):  # type: ignore[no-untyped-def]
+    """Open an upload stream that stalls after its header until released; returns (release, result, thread)."""
+    payload = encoding.encode(make_delta(0))
+    header = pb.UploadHeader(
+        device_id=device,
+        round_id=1,
+        base_version=0,
+        num_samples=1,
+        encoding=pb.ENCODING_FP32,
+        idempotency_key=key,
+        total_bytes=len(payload),
+        payload_sha256=hashlib.sha256(payload).digest(),
+    )
+    release, started = threading.Event(), threading.Event()
+
+    def stream():  # type: ignore[no-untyped-def]
+        yield pb.UploadDeltaRequest(header=header)
+        started.set()
+        release.wait(20)
+        yield pb.UploadDeltaRequest(chunk=pb.Chunk(seq=0, offset=0, data=payload))
+
+    channel = grpc.secure_channel(coordinator.target, grpc.ssl_channel_credentials(coordinator.tls.cert_pem))
+    stub = pb_grpc.SyncServiceStub(channel)
+    metadata = [("authorization", f"Bearer {coordinator.tokens[device]}")]
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(stub.UploadDelta(stream(), metadata=metadata)))
+    thread.start()
+    started.wait(10)
+    return release, result, thread, channel
+
+
+def test_devices_queue_while_the_slot_is_taken_and_get_it_when_it_frees(coordinator_factory) -> None:
+    coordinator = coordinator_factory(
+        ["a", "b", "c"], RoundConfig(min_devices=3, round_timeout_s=60, rounds=1), upload_slots=1
+    )
+    release, result, thread, channel = _slow_upload(coordinator, "a", "slow-a")
+    coordinator.wait_for(lambda: coordinator.server.metrics.registry.get_sample_value(
+        "comigs_sync_upload_slots_streaming"
+    ) == 1)
+    with grpc.secure_channel(
+        coordinator.target, grpc.ssl_channel_credentials(coordinator.tls.cert_pem)
+    ) as probe_channel:
+        stub = pb_grpc.SyncServiceStub(probe_channel)
+        md_b = [("authorization", f"Bearer {coordinator.tokens['b']}")]
+        answer = stub.AcquireUploadSlot(pb.AcquireUploadSlotRequest(round_id=1), metadata=md_b, timeout=10)
+        assert (answer.granted, answer.queue_position, answer.slots) == (False, 0, 1)
+        assert answer.retry_after_ms >= 1
+        # c skips the queue and opens a stream: refused before any payload is read, and nothing counts.
+        payload = encoding.encode(make_delta(2))
+        header = pb.UploadHeader(
+            round_id=1,
+            base_version=0,
+            num_samples=1,
+            encoding=pb.ENCODING_FP32,
+            idempotency_key="pushy",
+            total_bytes=len(payload),
+            payload_sha256=hashlib.sha256(payload).digest(),
+        )
+        md_c = [("authorization", f"Bearer {coordinator.tokens['c']}")]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.UploadDelta(iter([pb.UploadDeltaRequest(header=header)]), metadata=md_c, timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "upload slots are taken" in info.value.details() and "AcquireUploadSlot" in info.value.details()
+        assert coordinator.store().count_uploads(1) == 0
+        # The slot frees when a's upload ends; b asked first, so it is b's.
+        release.set()
+        thread.join(20)
+        assert result and result[0].round_uploads == 1
+        granted = stub.AcquireUploadSlot(pb.AcquireUploadSlotRequest(round_id=1), metadata=md_b, timeout=10)
+        assert granted.granted
+    channel.close()
+
+
+def test_clients_wait_their_turn_and_the_round_averages_every_delta(coordinator_factory) -> None:
+    devices = ["d0", "d1", "d2", "d3", "d4", "d5"]
+    coordinator = coordinator_factory(
+        devices, RoundConfig(min_devices=len(devices), round_timeout_s=60, rounds=1), upload_slots=2
+    )
+    deltas = {name: make_delta(i) for i, name in enumerate(devices)}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(devices))
+
+    def upload(name: str) -> None:
+        client = coordinator.client(name, retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.05))
+        try:
+            barrier.wait()
+            client.upload_delta(1, 0, deltas[name], 10 + devices.index(name))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=upload, args=(name,)) for name in devices]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    coordinator.wait_for(lambda: coordinator.published_version() == 1)
+    weights = {name: 10 + devices.index(name) for name in devices}
+    total = sum(weights.values())
+    published = coordinator.client("d0").download_generalist(1).tensors
+    for name, previous in coordinator.generalist.items():
+        mean = sum(np.float64(weights[d]) * deltas[d][name].astype(np.float64) for d in devices) / total
+        np.testing.assert_array_equal(published[name], previous + mean.astype(np.float32), err_msg=name)
+    rejects = coordinator.server.metrics.registry.get_sample_value(
+        "comigs_sync_rejects_total", {"code": "RESOURCE_EXHAUSTED", "reason": "no_upload_slot"}
+    )
+    assert not rejects  # queued clients never had a stream refused
+
+
+def test_admission_off_grants_at_once(coordinator_factory) -> None:
+    coordinator = coordinator_factory(
+        ["a", "b"], RoundConfig(min_devices=2, round_timeout_s=60, rounds=1), upload_slots=0
+    )
+    release, _result, thread, channel = _slow_upload(coordinator, "a", "slow-a")
+    client = coordinator.client("b")
+    assert client.upload_delta(1, 0, make_delta(1), 1).round_uploads == 1
+    release.set()
+    thread.join(20)
+    channel.close()
+    client.close()
