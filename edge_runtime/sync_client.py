@@ -16,6 +16,8 @@ Reliability built in:
 * retries with exponential backoff (jittered) on transient errors only: UNAVAILABLE, DEADLINE_EXCEEDED,
   RESOURCE_EXHAUSTED, ABORTED; everything else (bad token, invalid delta, late upload) raises at once;
 * chunked transfers; a broken download resumes from the last byte received;
+* upload admission: before each upload attempt the client queues for one of the coordinator's upload
+  slots (`AcquireUploadSlot`), sleeping as long as the coordinator says its turn will take;
 * idempotent uploads: the idempotency key of a round is persisted in `state_path` *before* the upload
   starts, so a device that crashes and restarts re-sends with the same key and the coordinator counts the
   delta once (it answers the retry with the original acknowledgement, `duplicate=True`).

@@ -12,7 +12,7 @@ import pytest
 from edge_runtime.sync_client import RetryPolicy
 from sync_service import encoding
 from sync_service.admission import MAX_RETRY_S, MIN_RETRY_S, UploadSlots
-from sync_service.config import RoundConfig
+from sync_service.config import RoundConfig, ServerConfig
 from sync_service.proto import sync_pb2 as pb
 from sync_service.proto import sync_pb2_grpc as pb_grpc
 
@@ -127,6 +127,19 @@ def test_the_head_of_the_queue_waits_in_the_server_and_gets_a_freed_slot_at_once
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match=">= 1"):
         UploadSlots(0)
+
+
+def test_server_config_slots(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def config(**kwargs: object) -> ServerConfig:
+        return ServerConfig(state_dir=tmp_path, insecure=True, listen="127.0.0.1:0", **kwargs)  # type: ignore[arg-type]
+
+    assert config().slots == 12  # max_workers 16 - 4 for the short calls
+    assert config(max_workers=2).slots == 1
+    assert config(upload_slots=0).slots == 0
+    with pytest.raises(ValueError, match="upload_slots"):
+        config(upload_slots=-1)
+    with pytest.raises(ValueError, match="idle_connection_s"):
+        config(idle_connection_s=0)
 
 
 # ------------------------------------------------------------------------------------------ on the wire
