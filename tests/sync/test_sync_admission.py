@@ -267,3 +267,74 @@ def test_admission_off_grants_at_once(coordinator_factory) -> None:
     thread.join(20)
     channel.close()
     client.close()
+
+
+class _OlderCoordinator:
+    """A real gRPC server speaking an older (or stricter) SyncService: only what the test defines."""
+
+    def __init__(self, acquire=None) -> None:  # type: ignore[no-untyped-def]
+        from concurrent import futures
+
+        self.calls = {"AcquireUploadSlot": 0, "UploadDelta": 0}
+        calls = self.calls
+
+        class Servicer(pb_grpc.SyncServiceServicer):
+            def UploadDelta(self, request_iterator, context):  # noqa: N802 - gRPC method name
+                calls["UploadDelta"] += 1
+                received = sum(len(m.chunk.data) for m in request_iterator)
+                return pb.UploadDeltaResponse(round_id=1, upload_id="u", accepted_bytes=received)
+
+        if acquire is not None:
+
+            def acquire_slot(self, request, context):  # type: ignore[no-untyped-def]
+                calls["AcquireUploadSlot"] += 1
+                return acquire(request)
+
+            Servicer.AcquireUploadSlot = acquire_slot  # type: ignore[method-assign]
+        else:
+            original = Servicer.AcquireUploadSlot
+
+            def counted(self, request, context):  # type: ignore[no-untyped-def]
+                calls["AcquireUploadSlot"] += 1
+                return original(self, request, context)  # the generated default: UNIMPLEMENTED
+
+            Servicer.AcquireUploadSlot = counted  # type: ignore[method-assign]
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        pb_grpc.add_SyncServiceServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def client(self, **kwargs):  # type: ignore[no-untyped-def]
+        from edge_runtime.sync_client import SyncClient
+
+        return SyncClient(f"127.0.0.1:{self.port}", "cmgs1.token", insecure=True, **kwargs)
+
+
+def test_a_coordinator_without_admission_is_asked_once_then_never_again() -> None:
+    older = _OlderCoordinator()
+    try:
+        client = older.client()
+        for key in ("k1", "k2"):
+            assert client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key=key).upload_id
+        client.close()
+    finally:
+        older.server.stop(0)
+    assert older.calls == {"AcquireUploadSlot": 1, "UploadDelta": 2}
+
+
+def test_a_device_gives_up_waiting_for_a_slot_at_its_transfer_timeout() -> None:
+    from edge_runtime.sync_client import SyncError
+
+    older = _OlderCoordinator(lambda request: pb.AcquireUploadSlotResponse(
+        granted=False, retry_after_ms=100, queue_position=7, slots=2
+    ))
+    try:
+        client = older.client(transfer_timeout_s=0.5, retry=RetryPolicy(max_attempts=1))
+        with pytest.raises(SyncError) as info:
+            client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key="k")
+        client.close()
+    finally:
+        older.server.stop(0)
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "7 devices ahead, 2 slots" in str(info.value)
+    assert 3 <= older.calls["AcquireUploadSlot"] <= 6 and older.calls["UploadDelta"] == 0
