@@ -307,8 +307,7 @@ class SyncServicer(pb_grpc.SyncServiceServicer):
             try:
                 return self._upload(device, request_iterator, started)
             finally:
-                if self.slots is not None:
-                    self.slots.leave(device)
+                self._leave_slot(device)
         finally:
             with self._inflight_lock:
                 self._inflight.discard(device)
@@ -326,6 +325,10 @@ class SyncServicer(pb_grpc.SyncServiceServicer):
                 f"(about {math.ceil(grant.retry_after_s * 1000)} ms from now)",
                 "no_upload_slot",
             )
+
+    def _leave_slot(self, device: str) -> None:
+        if self.slots is not None:
+            self.slots.leave(device)  # idempotent
 
     def _upload(self, device: str, request_iterator: Iterator[pb.UploadDeltaRequest], started: float) -> Any:
         first = next(request_iterator, None)
@@ -374,6 +377,9 @@ class SyncServicer(pb_grpc.SyncServiceServicer):
                     raise invalid(f"chunk {chunk.seq} is empty", "bad_stream")
                 receiver.feed(chunk.data)
                 expected_seq += 1
+            # The slot bounds what streams in; the fsyncs and the commit below hold no network buffers,
+            # so the next device may start sending while this upload is made durable.
+            self._leave_slot(device)
             received = receiver.finish()
             ack = self._rounds.commit_upload(request, received)
         finally:
