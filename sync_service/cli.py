@@ -157,8 +157,8 @@ def _add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: igno
         "--upload-slots",
         type=_non_negative_int,
         default=None,
-        help="upload streams received at once; other devices queue for a slot, first come first served "
-        "(default: max-workers - 4; 0: no admission control)",
+        help="upload streams received at once; other devices queue for a slot, first come first served; "
+        "0: no admission control (default: %(default)s, i.e. max-workers - 4)",
     )
     ops.add_argument(
         "--idle-connection-timeout",
