@@ -95,9 +95,9 @@ class SyncServiceServicer:
 
     def AcquireUploadSlot(self, request, context):
         """Asks for one of the coordinator's upload slots before opening UploadDelta. The coordinator streams
-        a bounded number of uploads at once and queues the other devices first come, first served: not
-        granted, ask again after retry_after_ms (the device may close its connection meanwhile); granted,
-        open UploadDelta within retry_after_ms or the slot goes to the next device.
+        a bounded number of uploads at once and queues the other devices: not granted, ask again after
+        retry_after_ms (the device may close its connection meanwhile; the call itself may wait a little
+        for a slot); granted, open UploadDelta within retry_after_ms or the slot goes to another device.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +106,7 @@ class SyncServiceServicer:
     def UploadDelta(self, request_iterator, context):
         """A generalist delta as a chunked stream: one UploadHeader message, then Chunks in order.
         Idempotent per (device, idempotency_key). Without a granted slot, the stream is admitted only
-        while a slot is free that no queued device is waiting for; otherwise RESOURCE_EXHAUSTED.
+        while a slot is free that no waiting device is owed; otherwise RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
