@@ -286,6 +286,39 @@ def wait_published(metrics_port: int, rounds: int, timeout: float = 600) -> floa
     raise RuntimeError(f"round {rounds} was not published")
 
 
+class SlotSampler:
+    """Samples the coordinator's upload-slot gauges every 50 ms during its upload runs.
+
+    Reports how many streams were being received on average while devices were queued: with every
+    slot in use this is close to the slot count; much lower means slots sat free while devices waited.
+    """
+
+    def __init__(self, metrics_port: int) -> None:
+        self._port = metrics_port
+        self._streaming: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            values = _scrape(self._port)
+            if values.get("comigs_sync_upload_slots_waiting", 0) > 0:
+                self._streaming.append(values.get("comigs_sync_upload_slots_streaming", 0.0))
+
+    def mean_streaming(self) -> float | None:
+        return round(statistics.mean(self._streaming), 2) if self._streaming else None
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -426,10 +459,13 @@ def main(argv: list[str] | None = None) -> int:
             raw_idle_kib, idle_kib = rss_kib(raw.pid, "VmRSS"), rss_kib(server.pid, "VmRSS")
             connected_kib = [0]
 
+            slot_sampler = SlotSampler(info["metrics_port"])
+
             def measure_connected() -> None:
                 if not connected_kib[0]:
                     time.sleep(0.3)
                     connected_kib[0] = rss_kib(server.pid, "VmRSS")
+                slot_sampler.start()
 
             runs: dict[str, dict[str, list]] = {
                 name: {"wall": [], "latency": [], "server_cpu": [], "client_cpu": []}
@@ -454,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                         base_version=rep - 1,
                         round_id=rep,
                     )
+                    if name == "coordinator":
+                        slot_sampler.stop()
                     run = runs[name]
                     run["wall"].append(wall)
                     run["latency"] += lat
@@ -544,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_max_workers": args.max_workers,
         "upload_slots": "server default" if args.upload_slots is None else args.upload_slots,
         "slot_requests_per_upload": round(sum(polls.values()) / (args.devices * args.repeat), 2),
+        "mean_streams_while_devices_wait": slot_sampler.mean_streaming(),
         "transport": "TLS over loopback, one connection per device, all devices upload at once",
         "measured_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpus": os.cpu_count(),
@@ -655,7 +694,8 @@ def render_table(f: dict) -> str:
         (
             "upload admission",
             f"{f['upload_slots']} slots",
-            f"{f['slot_requests_per_upload']:.2f} AcquireUploadSlot calls per upload",
+            f"{f['slot_requests_per_upload']:.2f} AcquireUploadSlot calls per upload, "
+            f"{f['mean_streams_while_devices_wait']} streams on average while devices waited",
         ),
         ("aggregation of the round", f"{f['aggregation_s']:.2f} s", f"{f['devices']} uploads, streamed"),
         (
