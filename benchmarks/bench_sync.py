@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -101,13 +101,23 @@ def make_cert(directory: Path) -> tuple[Path, Path, bytes]:
 # ------------------------------------------------------------------------------------ trivial servicer
 
 
-def serve_raw(cert: str, key: str, ready_file: str, max_workers: int, mode: str = "trivial") -> None:
+def serve_raw(
+    cert: str,
+    key: str,
+    ready_file: str,
+    max_workers: int,
+    mode: str = "trivial",
+    *,
+    plaintext: bool = False,
+    extra_options: Sequence[tuple[str, int]] = (),
+) -> None:
     """A reference servicer with exactly the coordinator's transport (options, TLS, thread pool).
 
     mode "trivial": UploadDelta only reads the stream (the practical limit of gRPC on this machine).
     mode "store": UploadDelta also does the part of the coordinator's work no implementation can skip
     without giving up integrity or durability: SHA-256 of the bytes compared with the header's, the bytes
     written to a temp file, fsync, rename, directory fsync (no auth, no validation, no database).
+    `plaintext` and `extra_options` are for `probe_sync_memory.py` (TLS's share, gRPC option trials).
     """
     import hashlib
     import tempfile as tempfile_module
@@ -161,11 +171,15 @@ def serve_raw(cert: str, key: str, ready_file: str, max_workers: int, mode: str 
 
     max_message = ServerConfig.__dataclass_fields__["max_message_bytes"].default
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_server_options(max_message)
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=grpc_server_options(max_message) + list(extra_options),
     )  # exactly the coordinator's transport
     pb_grpc.add_SyncServiceServicer_to_server(Trivial(), server)
-    credentials = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
-    port = server.add_secure_port("127.0.0.1:0", credentials)
+    if plaintext:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        credentials = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     Path(ready_file).write_text(json.dumps({"port": port, "pid": os.getpid()}))
     server.wait_for_termination()

@@ -1,9 +1,10 @@
 """What N connected devices cost a gRPC server's memory: TLS vs plaintext, gRPC options, malloc settings.
 
-A trivial SyncService servicer (GetTask answers, UploadDelta only reads) in its own process, with the
-coordinator's gRPC options plus any given with --option. N channels connect (one GetTask each), then
---uploads deltas of --delta-mb are streamed one after another over those connections. Prints the
-server's RSS above idle after connecting and after the uploads, and its peak, in MB and in deltas.
+The benchmark's trivial SyncService servicer (`bench_sync.serve_raw`: GetTask answers, UploadDelta
+only reads) in its own process, with the coordinator's gRPC options plus any given with --option.
+N channels connect (one GetTask each), then --uploads deltas of --delta-mb are streamed one after
+another over those connections. Prints the server's RSS above idle after connecting and after the
+uploads, and its peak, in MB and in deltas.
 This is how the per-connection figures in sync_service/README.md were measured, e.g.
 
     python benchmarks/probe_sync_memory.py --devices 200 --uploads 200
@@ -22,47 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent import futures
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def serve(cert: str, key: str, ready: str, options_json: str, plaintext: bool) -> None:
-    import grpc
-
-    from sync_service.proto import sync_pb2 as pb
-    from sync_service.proto import sync_pb2_grpc as pb_grpc
-    from sync_service.server import grpc_server_options
-
-    class Trivial(pb_grpc.SyncServiceServicer):
-        def GetTask(self, request, context):  # noqa: N802 - gRPC method name
-            return pb.GetTaskResponse()
-
-        def UploadDelta(self, request_iterator, context):  # noqa: N802
-            received = sum(len(message.chunk.data) for message in request_iterator)
-            return pb.UploadDeltaResponse(accepted_bytes=received)
-
-    options = grpc_server_options(8 << 20) + [tuple(o) for o in json.loads(options_json)]
-    server = grpc.server(futures.ThreadPoolExecutor(16), options=options)
-    pb_grpc.add_SyncServiceServicer_to_server(Trivial(), server)
-    if plaintext:
-        port = server.add_insecure_port("127.0.0.1:0")
-    else:
-        creds = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
-        port = server.add_secure_port("127.0.0.1:0", creds)
-    server.start()
-    Path(ready).write_text(str(port))
-    server.wait_for_termination()
-
-
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
+        from bench_sync import serve_raw
+
         cert, key, ready, options_json = args.serve
-        serve(cert, key, ready, options_json, args.plaintext)
+        options = [tuple(option) for option in json.loads(options_json)]
+        serve_raw(cert, key, ready, 16, plaintext=args.plaintext, extra_options=options)
         return 0
 
     import grpc
-    from bench_sync import make_cert
+    from bench_sync import make_cert, rss_kib
 
     from sync_service.proto import sync_pb2 as pb
     from sync_service.proto import sync_pb2_grpc as pb_grpc
@@ -103,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                 if server.poll() is not None:
                     raise RuntimeError("server exited")
                 time.sleep(0.05)
-            target = f"127.0.0.1:{int(ready.read_text())}"
+            target = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
             time.sleep(0.5)
-            idle = rss_mb(server.pid)
+            idle = rss_kib(server.pid, "VmRSS") / 1024
             stubs = []
             for _ in range(args.devices):
                 if args.plaintext:
@@ -116,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 stub.GetTask(pb.GetTaskRequest(), timeout=30)
                 stubs.append(stub)
             time.sleep(0.5)
-            connected = rss_mb(server.pid)
+            connected = rss_kib(server.pid, "VmRSS") / 1024
             payload = os.urandom(int(args.delta_mb * 1e6))
 
             def messages():  # type: ignore[no-untyped-def]
@@ -128,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.uploads):
                 stubs[i % len(stubs)].UploadDelta(messages(), timeout=60)
             time.sleep(0.3)
-            after, peak = rss_mb(server.pid), rss_mb(server.pid, "VmHWM")
+            after, peak = rss_kib(server.pid, "VmRSS") / 1024, rss_kib(server.pid, "VmHWM") / 1024
         finally:
             server.kill()
             server.wait()

@@ -1,8 +1,8 @@
 """Upload admission: at most `capacity` upload streams at once, the others told when to come back.
 
 Why: every open upload stream costs the coordinator a handler thread and gRPC buffers (flow-control
-window, TLS records, a message being parsed), so memory and latency grew with the number of devices that
-happened to finish training at the same moment. With slots, a round of 10,000 devices streams like a
+window, TLS records, a message being parsed), so memory grew with the number of devices that happened
+to finish training at the same moment. With slots, a round of 10,000 devices streams like a
 round of `capacity` devices; the rest wait on their side, not in the server (the "pace steering" of
 Bonawitz et al., "Towards Federated Learning at Scale", 2019). Measured with 200 TLS devices
 (benchmarks/RESULTS.md): 1-2 deltas less peak memory than without admission.
@@ -120,13 +120,11 @@ class UploadSlots:
             # Its previous stream has not ended on this side yet; the new one will be told so.
             return Grant(True, self._grant_ttl)
         self._waiting[device] = now  # joins at the back, or keeps its place and refreshes it
-        free = self.capacity - self._in_use()
-        if free > self._owed_ahead_of(device):
+        if self._has_free_slot(device):
             del self._waiting[device]
             self._granted[device] = now + self._grant_ttl
             return Grant(True, self._grant_ttl)
-        position = list(self._waiting).index(device)
-        return Grant(False, self._hint(max(position - free, 0) + 1), position)
+        return self._refusal(list(self._waiting).index(device))
 
     def enter(self, device: str) -> Grant:
         """An upload stream starts: admitted if the device holds a grant or a slot is free beyond those
@@ -136,11 +134,8 @@ class UploadSlots:
             self._expire(now)
             if device in self._granted:
                 del self._granted[device]
-            else:
-                free = self.capacity - self._in_use()
-                if free <= len(self._parked):
-                    waiting = len(self._waiting)
-                    return Grant(False, self._hint(max(waiting - free, 0) + 1), waiting)
+            elif not self._has_free_slot(device):
+                return self._refusal(len(self._waiting))
             self._waiting.pop(device, None)
             self._streaming[device] = now
             return Grant(True, 0.0)
@@ -167,21 +162,23 @@ class UploadSlots:
 
     # ------------------------------------------------------------------ internals
 
-    def _hint(self, turns: int) -> float:
-        """When to ask again: slots free up about every stream_s / capacity seconds, `turns` are needed."""
-        return min(max(EARLY * turns * self._stream_s / self.capacity, MIN_RETRY_S), MAX_RETRY_S)
+    def _refusal(self, position: int) -> Grant:
+        """No slot for a device with `position` devices queued ahead, and when to ask again: slots free
+        up about every stream_s / capacity seconds, and its turn is that many freed slots away."""
+        turns = max(position - (self.capacity - self._in_use()), 0) + 1
+        hint = EARLY * turns * self._stream_s / self.capacity
+        return Grant(False, min(max(hint, MIN_RETRY_S), MAX_RETRY_S), position)
 
-    def _owed_ahead_of(self, device: str) -> int:
-        """Free slots that belong to others first: those of the devices parked before this one.
+    def _has_free_slot(self, device: str) -> bool:
+        """A slot is free beyond those owed to the devices parked before this one.
 
         Only parked devices (present, waiting in `acquire`) have a claim. A queued device that is
         asleep until its hint does not: holding a free slot for it left most slots idle (measured, 200
         devices and 12 slots with strict first-come-first-served: on average 3 streams while 76 devices
         waited); it keeps its place for the hints and gets the next slot when it is back.
         """
-        if device in self._parked:
-            return self._parked.index(device)
-        return len(self._parked)
+        owed = self._parked.index(device) if device in self._parked else len(self._parked)
+        return self.capacity - self._in_use() > owed
 
     def _in_use(self) -> int:
         return len(self._granted) + len(self._streaming)

@@ -494,24 +494,6 @@ class RoundManager:
                     },
                 )
 
-    def _accepting_round(self, round_id: int) -> RoundRow:
-        """The round, if it accepts uploads now; otherwise FAILED_PRECONDITION saying which round does."""
-        store = self._store
-        target = store.get_round(round_id)
-        if target is not None and target.accepting:
-            return target
-        current = store.current_round()
-        now_round = f"the current round is {current.round_id}" if current else "no round is open"
-        if target is None:
-            raise precondition(f"round {round_id} does not exist; {now_round} (ask GetTask)", "wrong_round")
-        if target.state == "aggregating":
-            detail = "its deadline passed and it is being aggregated"
-        else:
-            detail = f"it is {target.state}"
-        raise precondition(
-            f"late upload: round {round_id} no longer accepts uploads ({detail}); {now_round}", "late_upload"
-        )
-
     def _check(self, request: UploadRequest, payload_sha256: str) -> UploadAck | None:
         """Idempotency and round-state checks (callers that commit hold the lock and advanced first)."""
         store = self._store
@@ -542,7 +524,23 @@ class RoundManager:
                 existing.update_norm,
                 existing.clip_scale < 1.0,
             )
-        target = self._accepting_round(request.round_id)
+        target = store.get_round(request.round_id)
+        if target is None or not target.accepting:
+            current = store.current_round()
+            now_round = f"the current round is {current.round_id}" if current else "no round is open"
+        if target is None:
+            raise precondition(
+                f"round {request.round_id} does not exist; {now_round} (ask GetTask)", "wrong_round"
+            )
+        if not target.accepting:
+            if target.state == "aggregating":
+                detail = "its deadline passed and it is being aggregated"
+            else:
+                detail = f"it is {target.state}"
+            raise precondition(
+                f"late upload: round {request.round_id} no longer accepts uploads ({detail}); {now_round}",
+                "late_upload",
+            )
         if request.base_version != target.base_version:
             raise precondition(
                 f"stale base version: round {request.round_id} starts from generalist version "

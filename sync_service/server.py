@@ -80,8 +80,8 @@ class SyncServicer(pb_grpc.SyncServiceServicer):
         self._max_upload = max_upload_bytes(store.manifest, config.max_header_bytes)
         self._inflight: set[str] = set()
         self._inflight_lock = threading.Lock()
-        # Two devices at the head of the queue may long-poll, if that still leaves two handler threads
-        # for the short calls beside the streams.
+        # Up to two devices may long-poll for a slot, if that still leaves two handler threads for the
+        # short calls beside the streams.
         parked = max(0, min(2, config.max_workers - config.slots - 2))
         self.slots = UploadSlots(config.slots, parked=parked) if config.slots else None
 
@@ -320,8 +320,8 @@ class SyncServicer(pb_grpc.SyncServiceServicer):
         if not grant.granted:
             raise SyncError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"all {self.slots.capacity} upload slots are taken and {grant.position} devices are "
-                "waiting for one: call AcquireUploadSlot and open the stream once it is granted "
+                f"all {self.slots.capacity} upload slots are taken or owed to waiting devices "
+                f"({grant.position} queued): call AcquireUploadSlot and open the stream once it is granted "
                 f"(about {math.ceil(grant.retry_after_s * 1000)} ms from now)",
                 "no_upload_slot",
             )

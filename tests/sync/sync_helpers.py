@@ -8,21 +8,27 @@ name (not conftest) so test files can import it without clashing with other test
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from edge_runtime.sync_client import RetryPolicy, SyncClient
+from sync_service import encoding
 from sync_service.auth import add_device
 from sync_service.config import RoundConfig, ServerConfig
+from sync_service.proto import sync_pb2 as pb
+from sync_service.proto import sync_pb2_grpc as pb_grpc
 from sync_service.server import SyncServer
 from sync_service.store import Store
 
@@ -165,6 +171,61 @@ class Coordinator:
         for client in self.clients:
             client.close()
         self.server.stop(0)
+
+
+def upload_header(payload: bytes, key: str, *, device: str = "", round_id: int = 1) -> pb.UploadHeader:
+    """A well-formed fp32 upload header for `payload` (round 1, base version 0, one sample)."""
+    return pb.UploadHeader(
+        device_id=device,
+        round_id=round_id,
+        base_version=0,
+        num_samples=1,
+        encoding=pb.ENCODING_FP32,
+        idempotency_key=key,
+        total_bytes=len(payload),
+        payload_sha256=hashlib.sha256(payload).digest(),
+    )
+
+
+class StalledUpload:
+    """An upload stream from `device` that sends its header, then waits for `release()` to send its delta.
+
+    While it stalls, its handler holds the device's one upload stream (and an upload slot); `stub` and
+    `metadata` (the same device's channel and token) are there for probing the coordinator meanwhile.
+    """
+
+    def __init__(self, coordinator: Coordinator, device: str, key: str) -> None:
+        payload = encoding.encode(make_delta(0))
+        self.header = upload_header(payload, key, device=device)
+        self.metadata = [("authorization", f"Bearer {coordinator.tokens[device]}")]
+        self.result: list[pb.UploadDeltaResponse] = []
+        self._release, started = threading.Event(), threading.Event()
+
+        def stream():  # type: ignore[no-untyped-def]
+            yield pb.UploadDeltaRequest(header=self.header)
+            started.set()
+            self._release.wait(20)
+            yield pb.UploadDeltaRequest(chunk=pb.Chunk(seq=0, offset=0, data=payload))
+
+        self._channel = grpc.secure_channel(
+            coordinator.target, grpc.ssl_channel_credentials(coordinator.tls.cert_pem)
+        )
+        self.stub = pb_grpc.SyncServiceStub(self._channel)
+        self._thread = threading.Thread(
+            target=lambda: self.result.append(self.stub.UploadDelta(stream(), metadata=self.metadata, timeout=30))
+        )
+        self._thread.start()
+        started.wait(10)
+
+    def release(self) -> None:
+        """Send the delta and wait for the acknowledgement (in `result`)."""
+        self._release.set()
+        self._thread.join(30)
+
+    def close(self) -> None:
+        self._release.set()
+        self._thread.join(30)
+        self._channel.close()
 
 
 def start_coordinator(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 
 import grpc
@@ -16,7 +15,7 @@ from sync_service.config import RoundConfig, ServerConfig
 from sync_service.proto import sync_pb2 as pb
 from sync_service.proto import sync_pb2_grpc as pb_grpc
 
-from .sync_helpers import make_delta
+from .sync_helpers import StalledUpload, make_delta, upload_header
 
 
 class Clock:
@@ -176,77 +175,35 @@ def test_server_config_slots(tmp_path) -> None:  # type: ignore[no-untyped-def]
 # ------------------------------------------------------------------------------------------ on the wire
 
 
-def _slow_upload(coordinator, device: str, key: str):  # type: ignore[no-untyped-def]
-    """Open an upload stream that stalls after its header until released; returns (release, result, thread)."""
-    payload = encoding.encode(make_delta(0))
-    header = pb.UploadHeader(
-        device_id=device,
-        round_id=1,
-        base_version=0,
-        num_samples=1,
-        encoding=pb.ENCODING_FP32,
-        idempotency_key=key,
-        total_bytes=len(payload),
-        payload_sha256=hashlib.sha256(payload).digest(),
-    )
-    release, started = threading.Event(), threading.Event()
-
-    def stream():  # type: ignore[no-untyped-def]
-        yield pb.UploadDeltaRequest(header=header)
-        started.set()
-        release.wait(20)
-        yield pb.UploadDeltaRequest(chunk=pb.Chunk(seq=0, offset=0, data=payload))
-
-    channel = grpc.secure_channel(coordinator.target, grpc.ssl_channel_credentials(coordinator.tls.cert_pem))
-    stub = pb_grpc.SyncServiceStub(channel)
-    metadata = [("authorization", f"Bearer {coordinator.tokens[device]}")]
-    result: list[object] = []
-    thread = threading.Thread(target=lambda: result.append(stub.UploadDelta(stream(), metadata=metadata)))
-    thread.start()
-    started.wait(10)
-    return release, result, thread, channel
-
-
 def test_devices_queue_while_the_slot_is_taken_and_get_it_when_it_frees(coordinator_factory) -> None:
     coordinator = coordinator_factory(
         ["a", "b", "c"], RoundConfig(min_devices=3, round_timeout_s=60, rounds=1), upload_slots=1
     )
-    release, result, thread, channel = _slow_upload(coordinator, "a", "slow-a")
-    coordinator.wait_for(lambda: coordinator.server.metrics.registry.get_sample_value(
-        "comigs_sync_upload_slots_streaming"
-    ) == 1)
-    with grpc.secure_channel(
-        coordinator.target, grpc.ssl_channel_credentials(coordinator.tls.cert_pem)
-    ) as probe_channel:
-        stub = pb_grpc.SyncServiceStub(probe_channel)
+    stalled = StalledUpload(coordinator, "a", "slow-a")
+    try:
+        coordinator.wait_for(lambda: coordinator.server.metrics.registry.get_sample_value(
+            "comigs_sync_upload_slots_streaming"
+        ) == 1)
+        stub = stalled.stub
         md_b = [("authorization", f"Bearer {coordinator.tokens['b']}")]
         answer = stub.AcquireUploadSlot(pb.AcquireUploadSlotRequest(round_id=1), metadata=md_b, timeout=10)
         assert (answer.granted, answer.queue_position, answer.slots) == (False, 0, 1)
         assert answer.retry_after_ms >= 1
         # c skips the queue and opens a stream: refused before any payload is read, and nothing counts.
-        payload = encoding.encode(make_delta(2))
-        header = pb.UploadHeader(
-            round_id=1,
-            base_version=0,
-            num_samples=1,
-            encoding=pb.ENCODING_FP32,
-            idempotency_key="pushy",
-            total_bytes=len(payload),
-            payload_sha256=hashlib.sha256(payload).digest(),
-        )
+        header = upload_header(encoding.encode(make_delta(2)), "pushy")
         md_c = [("authorization", f"Bearer {coordinator.tokens['c']}")]
         with pytest.raises(grpc.RpcError) as info:
             stub.UploadDelta(iter([pb.UploadDeltaRequest(header=header)]), metadata=md_c, timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "upload slots are taken" in info.value.details() and "AcquireUploadSlot" in info.value.details()
         assert coordinator.store().count_uploads(1) == 0
-        # The slot frees when a's upload ends; b asked first, so it is b's.
-        release.set()
-        thread.join(20)
-        assert result and result[0].round_uploads == 1
+        # The slot frees when a's upload ends; nobody is long-polling now, so b, asking, gets it.
+        stalled.release()
+        assert stalled.result and stalled.result[0].round_uploads == 1
         granted = stub.AcquireUploadSlot(pb.AcquireUploadSlotRequest(round_id=1), metadata=md_b, timeout=10)
         assert granted.granted
-    channel.close()
+    finally:
+        stalled.close()
 
 
 def test_clients_wait_their_turn_and_the_round_averages_every_delta(coordinator_factory) -> None:
@@ -291,13 +248,11 @@ def test_admission_off_grants_at_once(coordinator_factory) -> None:
     coordinator = coordinator_factory(
         ["a", "b"], RoundConfig(min_devices=2, round_timeout_s=60, rounds=1), upload_slots=0
     )
-    release, _result, thread, channel = _slow_upload(coordinator, "a", "slow-a")
-    client = coordinator.client("b")
-    assert client.upload_delta(1, 0, make_delta(1), 1).round_uploads == 1
-    release.set()
-    thread.join(20)
-    channel.close()
-    client.close()
+    stalled = StalledUpload(coordinator, "a", "slow-a")
+    try:
+        assert coordinator.client("b").upload_delta(1, 0, make_delta(1), 1).round_uploads == 1
+    finally:
+        stalled.close()
 
 
 class _OlderCoordinator:
@@ -369,3 +324,23 @@ def test_a_device_gives_up_waiting_for_a_slot_at_its_transfer_timeout() -> None:
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "7 devices ahead, 2 slots" in str(info.value)
     assert 3 <= older.calls["AcquireUploadSlot"] <= 6 and older.calls["UploadDelta"] == 0
+
+
+def test_an_idle_connection_is_closed_and_the_device_reconnects_on_its_next_call(coordinator_factory) -> None:
+    import time
+
+    coordinator = coordinator_factory(
+        ["a"], RoundConfig(min_devices=1, round_timeout_s=60, rounds=1), idle_connection_s=0.5
+    )
+    states: list[grpc.ChannelConnectivity] = []
+    channel = grpc.secure_channel(coordinator.target, grpc.ssl_channel_credentials(coordinator.tls.cert_pem))
+    channel.subscribe(states.append)
+    stub = pb_grpc.SyncServiceStub(channel)
+    metadata = [("authorization", f"Bearer {coordinator.tokens['a']}")]
+    assert stub.GetTask(pb.GetTaskRequest(), metadata=metadata, timeout=10).action == pb.ACTION_TRAIN
+    deadline = time.monotonic() + 10
+    while grpc.ChannelConnectivity.IDLE not in states[states.index(grpc.ChannelConnectivity.READY):]:
+        assert time.monotonic() < deadline, f"the coordinator never closed the idle connection: {states}"
+        time.sleep(0.05)
+    assert stub.GetTask(pb.GetTaskRequest(), metadata=metadata, timeout=10).action == pb.ACTION_TRAIN
+    channel.close()

@@ -14,7 +14,7 @@ from sync_service import encoding
 from sync_service.config import LocalTrainingConfig, RoundConfig
 from sync_service.report import build_status, render_status
 
-from .sync_helpers import make_delta
+from .sync_helpers import StalledUpload, make_delta
 
 # Four devices with different expert counts (E=1 pure generalist ... E=8), all sharing one generalist.
 DEVICES = {"phone-a": 1, "pi-b": 2, "jetson-c": 8, "laptop-d": 8}
@@ -173,52 +173,19 @@ def test_retry_with_same_key_counts_once_and_key_reuse_is_refused(coordinator_fa
 
 def test_one_upload_stream_per_device_at_a_time(coordinator_factory) -> None:
     """A second concurrent upload from the same device is ABORTED (transient): one token, one handler."""
-    import hashlib
-    import threading
-
     import grpc
 
     from sync_service.proto import sync_pb2 as pb
-    from sync_service.proto import sync_pb2_grpc as pb_grpc
 
     coordinator = coordinator_factory(["a", "b"], RoundConfig(min_devices=2, round_timeout_s=60, rounds=1))
-    payload = encoding.encode(make_delta(0))
-    header = pb.UploadHeader(
-        device_id="a",
-        round_id=1,
-        base_version=0,
-        num_samples=1,
-        encoding=pb.ENCODING_FP32,
-        idempotency_key="slow-1",
-        total_bytes=len(payload),
-        payload_sha256=hashlib.sha256(payload).digest(),
-    )
-    release = threading.Event()
-    started = threading.Event()
-
-    def slow_stream():  # type: ignore[no-untyped-def]
-        yield pb.UploadDeltaRequest(header=header)
-        started.set()
-        release.wait(20)
-        yield pb.UploadDeltaRequest(chunk=pb.Chunk(seq=0, offset=0, data=payload))
-
-    metadata = [("authorization", f"Bearer {coordinator.tokens['a']}")]
-    results: list[object] = []
-    with grpc.secure_channel(
-        coordinator.target, grpc.ssl_channel_credentials(coordinator.tls.cert_pem)
-    ) as channel:
-        stub = pb_grpc.SyncServiceStub(channel)
-        first = threading.Thread(
-            target=lambda: results.append(stub.UploadDelta(slow_stream(), metadata=metadata, timeout=30))
-        )
-        first.start()
-        started.wait(10)
+    stalled = StalledUpload(coordinator, "a", "slow-1")
+    try:
         # Until the first stream's handler runs, the probe (aimed at a round that does not exist, so it can
         # never count) gets FAILED_PRECONDITION; once it runs, the probe must get ABORTED.
-        probe = [pb.UploadDeltaRequest(header=pb.UploadHeader(**{**_fields(header), "round_id": 99}))]
+        probe = [pb.UploadDeltaRequest(header=pb.UploadHeader(**{**_fields(stalled.header), "round_id": 99}))]
         for _ in range(200):
             with pytest.raises(grpc.RpcError) as info:
-                stub.UploadDelta(iter(probe), metadata=metadata, timeout=10)
+                stalled.stub.UploadDelta(iter(probe), metadata=stalled.metadata, timeout=10)
             if info.value.code() == grpc.StatusCode.ABORTED:
                 assert "still in progress" in info.value.details()
                 break
@@ -226,9 +193,10 @@ def test_one_upload_stream_per_device_at_a_time(coordinator_factory) -> None:
             time.sleep(0.01)
         else:
             raise AssertionError("the concurrent upload was never refused")
-        release.set()
-        first.join(30)
-    assert results and results[0].round_uploads == 1
+        stalled.release()
+    finally:
+        stalled.close()
+    assert stalled.result and stalled.result[0].round_uploads == 1
 
 
 def _fields(message) -> dict:  # type: ignore[no-untyped-def]
