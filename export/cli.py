@@ -14,6 +14,9 @@ from typing import Any
 
 from edge_runtime.artifacts.layout import ALL_FORMATS
 
+# export.training_loss.LOSS_CHUNK, repeated so `--help` does not import torch (a test holds them equal)
+DEFAULT_LOSS_CHUNK = 4096
+
 _DESCRIPTION = """\
 Export a base model with CoMiGS experts to on-device artifacts, all described by DIR/manifest.json:
 
@@ -68,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--train-generalists", action="store_true",
                      help="make the generalists trainable in pte-train too (a federated device trains them "
                           "locally); by default only specialists and routers are")
+    out.add_argument("--train-loss-chunk", type=int, default=DEFAULT_LOSS_CHUNK, metavar="ROWS",
+                     help="vocabulary rows per LM-head chunk in the training program: smaller chunks, less "
+                          "memory per step, more matmuls (default: %(default)s)")
     out.add_argument("--train-backend", choices=("xnnpack", "portable"), default="xnnpack",
                      help="kernels of the training program (default: %(default)s)")
     out.add_argument("--overwrite", action="store_true",
@@ -133,8 +139,8 @@ def run_export(args: argparse.Namespace) -> int:
         options = ExportOptions(formats=parse_formats(args.formats), batch=args.batch, max_seq_len=args.max_seq_len,
                                 onnx_max_batch=args.onnx_max_batch, train_batch=args.train_batch,
                                 train_seq_len=args.train_seq_len, train_generalists=args.train_generalists,
-                                train_backend=args.train_backend, seed=args.seed, verify=not args.no_verify,
-                                overwrite=args.overwrite)
+                                train_backend=args.train_backend, train_loss_chunk=args.train_loss_chunk,
+                                seed=args.seed, verify=not args.no_verify, overwrite=args.overwrite)
         preflight(args.out, args.overwrite)
         config = _config(args)
         print(f"loading {args.model!r} with {config.n_generalists} generalist(s) + {config.n_specialists} "

@@ -34,8 +34,9 @@ from edge_runtime.artifacts.layout import data_file, program_file
 from edge_runtime.artifacts.manifest import KIND_ET_TRAINING
 from export.errors import ExportError
 from export.executorch_common import emit, lower
-from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM, transpose_weights_once
-from export.prepare import requires_grad_only, training_module
+from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM, sink_inputless_nodes, transpose_weights_once
+from export.prepare import requires_grad_only
+from export.training_loss import TrainingLossModule
 
 Backend = Literal["portable", "xnnpack"]
 
@@ -55,7 +56,7 @@ def _xnnpack_partitioner() -> Any:
 
 
 def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int, seq_len: int,
-                    train_generalists: bool, export_id: int, placeholders: Mapping[str, torch.Tensor],
+                    train_generalists: bool, loss_chunk: int, export_id: int, placeholders: Mapping[str, torch.Tensor],
                     real_values: Mapping[str, torch.Tensor], staging: Path) -> dict[str, Any]:
     """Export the joint forward/backward program into `staging`; returns its manifest entry."""
     from torch.export.experimental import _export_forward_backward
@@ -69,7 +70,7 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
     started = time.perf_counter()
     example = (torch.zeros(batch, seq_len, dtype=torch.long), torch.zeros(batch, seq_len, dtype=torch.long))
     with requires_grad_only(model, set(trainable)):
-        ep = torch.export.export(training_module(model).eval(), example, strict=False)
+        ep = torch.export.export(TrainingLossModule(model, loss_chunk).eval(), example, strict=False)
         ep = _export_forward_backward(ep)
     table = dict(CORE_ATEN_FIXES)
     if backend == "xnnpack":
@@ -78,6 +79,7 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
     transpose_weights_once(ep)
     edge = lower(ep, backend, export_id, set(placeholders),
                  partitioner=_xnnpack_partitioner() if backend == "xnnpack" else None)
+    sink_inputless_nodes(edge.exported_program())  # partitioning topo-sorts them to the front
     program = program_file(fmt)
     data = data_file(fmt, 0)
     emitted = emit(edge, placeholders, staging / program, staging / data, real_values, fmt)
@@ -95,6 +97,7 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
         "batch": batch,
         "seq_len": seq_len,
         "loss_output": 0,
+        "loss_chunk": loss_chunk,
         "trainable": trainable,
         "optimizer_groups": groups,
         "pluggable": emitted.key_map,

@@ -25,6 +25,7 @@ from edge_runtime.artifacts.layout import ALL_FORMATS
 from edge_runtime.artifacts.manifest import MANIFEST_FILE, Manifest, dumps
 from edge_runtime.storage import atomic_write_bytes
 from export.compact_partitioning import compact_dependency_viewers
+from export.delegate_order import late_delegate_order
 from export.errors import ExportError
 from export.executorch_inference import export_inference
 from export.executorch_training import export_training
@@ -34,6 +35,7 @@ from export.onnx_export import export_onnx
 from export.pluggable import pluggable_state, random_pluggables, values_installed
 from export.prepare import model_max_positions, prepare_for_export, quiet_export_warnings
 from export.staging import commit, create_staging, discard
+from export.training_loss import LOSS_CHUNK
 from export.verify import Tolerance, verify_artifacts
 
 Progress = Callable[[str], None]
@@ -51,6 +53,7 @@ class ExportOptions:
     train_seq_len: int = 128
     train_generalists: bool = False
     train_backend: Literal["xnnpack", "portable"] = "xnnpack"
+    train_loss_chunk: int = LOSS_CHUNK  # vocabulary rows per LM-head chunk in pte-train (training_loss.py)
     seed: int = 0
     verify: bool = True
     overwrite: bool = False
@@ -62,7 +65,7 @@ class ExportOptions:
             raise ExportError(f"unknown format(s) {unknown or '(none)'}; choose from {', '.join(ALL_FORMATS)}.")
         if len(set(self.formats)) != len(self.formats):
             raise ExportError(f"format listed twice in {','.join(self.formats)}.")
-        for field in ("batch", "onnx_max_batch", "train_batch"):
+        for field in ("batch", "onnx_max_batch", "train_batch", "train_loss_chunk"):
             if getattr(self, field) < 1:
                 raise ExportError(f"{field} must be >= 1, got {getattr(self, field)}.")
         if (self.max_seq_len is not None and self.max_seq_len < 2) or self.train_seq_len < 2:
@@ -103,7 +106,7 @@ def export_artifacts(model: nn.Module, out_dir: str | Path, options: ExportOptio
     attention, eval mode); its parameter values are left as they were. `source` describes where
     the expert values came from (recorded in the manifest).
     """
-    with quiet_export_warnings(), source_cache_disabled(), compact_dependency_viewers():
+    with quiet_export_warnings(), source_cache_disabled(), compact_dependency_viewers(), late_delegate_order():
         return _export_artifacts(model, out_dir, options or ExportOptions(), source, progress)
 
 
@@ -149,5 +152,6 @@ def _export_one(model: nn.Module, fmt: str, options: ExportOptions, export_id: i
                                 batch=options.batch, max_seq_len=options.max_seq_len, **common)
     if fmt == "pte-train":
         return export_training(model, fmt=fmt, backend=options.train_backend, batch=options.train_batch,
-                               seq_len=options.train_seq_len, train_generalists=options.train_generalists, **common)
+                               seq_len=options.train_seq_len, train_generalists=options.train_generalists,
+                               loss_chunk=options.train_loss_chunk, **common)
     return export_onnx(model, fmt=fmt, max_batch=options.onnx_max_batch, max_seq_len=options.max_seq_len, **common)

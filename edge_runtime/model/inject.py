@@ -109,10 +109,10 @@ def loss_from_logits(model: nn.Module, logits: torch.Tensor,
     to fp32 for the loss.
     """
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    return _with_balance_loss(model, ce)
+    return with_balance_loss(model, ce)
 
 
-def _with_balance_loss(model: nn.Module, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def with_balance_loss(model: nn.Module, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     config = comigs_config(model)
     aux = balance_loss(model)
     if aux is None or config.lb_weight == 0:
@@ -129,7 +129,7 @@ def language_model_loss(model: nn.Module, input_ids: torch.Tensor, targets: torc
         return loss_from_logits(model, logits, targets)
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     ce = chunked_cross_entropy(hidden, model.get_output_embeddings(), targets, loss_chunk_tokens)
-    return _with_balance_loss(model, ce)
+    return with_balance_loss(model, ce)
 
 
 class LossModule(nn.Module):

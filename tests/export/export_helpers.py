@@ -16,6 +16,7 @@ from tests.builders import VOCAB, randomize_experts, tiny_comigs
 EXPERTS_SEED = 11  # the experts exported by the session fixtures
 MAX_SEQ_LEN = 64
 TRAIN_SHAPE = (2, 16)
+TRAIN_LOSS_CHUNK = 40  # the 96-token vocabulary in three uneven LM-head chunks (40, 40, 16)
 
 
 @dataclasses.dataclass
@@ -68,7 +69,7 @@ def export_tiny(arch: str, directory: Path) -> Any:
     train_backend, train_generalists = SESSION_EXPORTS[arch]
     options = ExportOptions(max_seq_len=MAX_SEQ_LEN, onnx_max_batch=4, train_batch=TRAIN_SHAPE[0],
                             train_seq_len=TRAIN_SHAPE[1], train_backend=train_backend,
-                            train_generalists=train_generalists)
+                            train_generalists=train_generalists, train_loss_chunk=TRAIN_LOSS_CHUNK)
     return export_artifacts(eager_model(arch, identical_tensors=arch == "llama"), directory, options, source="tests")
 
 
