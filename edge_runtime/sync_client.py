@@ -249,20 +249,41 @@ class SyncClient:
                 raise ValueError(
                     f"refusing an insecure channel to {target!r}: only loopback targets may skip TLS"
                 )
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._open_channel: Callable[[], grpc.Channel] = lambda: grpc.insecure_channel(target, options=options)
         else:
             if ca_file is not None:
                 root_certificates = Path(ca_file).read_bytes()
             if server_name:
                 options.append(("grpc.ssl_target_name_override", server_name))
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stub = pb_grpc.SyncServiceStub(self._channel)
+            self._open_channel = lambda: grpc.secure_channel(target, credentials, options=options)
+        self._channel_lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub_of_channel: pb_grpc.SyncServiceStub | None = None
 
     # ------------------------------------------------------------------ plumbing
 
+    @property
+    def _stub(self) -> pb_grpc.SyncServiceStub:
+        """The stub of the open channel; (re)connects lazily, so `close()` is cheap to undo."""
+        with self._channel_lock:
+            if self._stub_of_channel is None:
+                self._channel = self._open_channel()
+                self._stub_of_channel = pb_grpc.SyncServiceStub(self._channel)
+            return self._stub_of_channel
+
     def close(self) -> None:
-        self._channel.close()
+        """Close the connection. The client stays usable: the next call opens a new one.
+
+        Also done after every acknowledged upload: a device then waits minutes for the round, and
+        the coordinator holds ~130-200 KiB of TLS state for each connection that has carried a delta
+        until that connection closes (sync_service/README.md, gRPC tuning); a new connection costs
+        one TLS handshake.
+        """
+        with self._channel_lock:
+            channel, self._channel, self._stub_of_channel = self._channel, None, None
+        if channel is not None:
+            channel.close()
 
     def __enter__(self) -> SyncClient:
         return self
@@ -477,6 +498,7 @@ class SyncClient:
             )
 
         response = self._call("UploadDelta", attempt)
+        self.close()  # nothing to send until the round publishes: give the coordinator its memory back
         with self._state.lock:
             entry = self._state.uploads.get(str(round_id))
             if entry is not None and entry["key"] == key:

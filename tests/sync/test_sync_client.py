@@ -117,3 +117,20 @@ def test_wait_for_task_returns_train_or_times_out(coordinator_factory) -> None:
     client.upload_delta(1, 0, make_delta(0), 3)
     waiting = client.wait_for_task(timeout_s=0.3)
     assert waiting.action == "wait" and waiting.already_uploaded
+
+
+def test_the_connection_is_closed_after_an_acknowledged_upload(coordinator_factory) -> None:
+    """The coordinator keeps ~130-200 KiB of TLS state per connection that carried a delta, until it
+    closes: a device hangs up once its upload is acknowledged and reconnects for its next call."""
+    coordinator = coordinator_factory(["a", "b"], RoundConfig(min_devices=2, poll_interval_s=0.05))
+    client = coordinator.client("a")
+    assert client.get_task().action == "train"
+    opened = client._channel
+    assert opened is not None
+    client.upload_delta(1, 0, make_delta(0), 3)
+    assert client._channel is None
+    with pytest.raises(ValueError, match="closed channel"):
+        opened.unary_unary("/comigs.sync.v1.SyncService/GetTask")(b"", timeout=1)
+    assert client.get_task().already_uploaded  # a new connection, the same device
+    assert client._channel is not None and client._channel is not opened
+    client.close()
