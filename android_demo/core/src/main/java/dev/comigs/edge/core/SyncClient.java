@@ -422,6 +422,9 @@ public final class SyncClient implements AutoCloseable {
       waitForSlot(roundId);
       return uploadOnce(header, payload);
     });
+    // Nothing to send until the round publishes: close the connection (the channel reconnects on the
+    // next call). The coordinator holds ~130-200 KiB of TLS state per connection that carried a delta.
+    channel.enterIdle();
     UploadResult result = new UploadResult();
     result.roundId = response.getRoundId();
     result.uploadId = response.getUploadId();
