@@ -338,8 +338,13 @@ def test_an_idle_connection_is_closed_and_the_device_reconnects_on_its_next_call
     stub = pb_grpc.SyncServiceStub(channel)
     metadata = [("authorization", f"Bearer {coordinator.tokens['a']}")]
     assert stub.GetTask(pb.GetTaskRequest(), metadata=metadata, timeout=10).action == pb.ACTION_TRAIN
+    ready, idle = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE
+
+    def closed_after_ready() -> bool:  # state callbacks arrive asynchronously, READY possibly after GetTask
+        return ready in states and idle in states[states.index(ready):]
+
     deadline = time.monotonic() + 10
-    while grpc.ChannelConnectivity.IDLE not in states[states.index(grpc.ChannelConnectivity.READY):]:
+    while not closed_after_ready():
         assert time.monotonic() < deadline, f"the coordinator never closed the idle connection: {states}"
         time.sleep(0.05)
     assert stub.GetTask(pb.GetTaskRequest(), metadata=metadata, timeout=10).action == pb.ACTION_TRAIN
