@@ -181,6 +181,8 @@ def transpose_weights_once(ep: Any) -> int:
     tied LM head of SmolLM2) was held twice in the arena across the whole step. Weights are
     program inputs (parameters, constants) that live outside the arena anyway: reading them
     again costs nothing, and the forward copy becomes short-lived, so the planner reuses it.
+    A transposed *slice* of a weight (the vocabulary-chunked LM head, `training_loss.py`) is
+    replaced by the slice taken again right where the backward needs it.
     """
     graph = ep.graph_module.graph
     weights = {n for n in graph.nodes if n.op == "placeholder" and n.name not in ep.graph_signature.user_inputs}
