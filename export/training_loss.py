@@ -41,7 +41,7 @@ def vocab_chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: 
     flat_targets = targets.reshape(-1, 1)
     vocab = head.weight.shape[0]
     logits, lses = [], []
-    picked = x.new_zeros(x.shape[0])
+    picked = x.new_zeros(x.shape[0], dtype=torch.float32)  # like the upcast chunks below
     for start in range(0, vocab, chunk):
         stop = min(start + chunk, vocab)
         bias = None if head.bias is None else head.bias[start:stop]
