@@ -2,6 +2,8 @@
 
 (a) prefill tokens/s for 1 x 128 tokens: eager PyTorch vs ExecuTorch XNNPACK vs ONNX Runtime,
     reported as speed-ups over eager;
+    with, measured in the same run, each runtime's matmul floor (`gemm_floor.py`: the base model's
+    linears alone with that runtime's GEMM kernels) and the speed-up bound it implies;
 (b) one training step at batch 1 x 128 (forward, backward, AdamW on the program's trainable
     experts group): the ExecuTorch training program (its backend is read from the manifest) vs
     the eager model, time and peak RSS;
@@ -43,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SEQ = 128
 TARGETS = {"et_infer_speedup": 1.5, "ort_infer_speedup": 1.5, "et_train_time_over_eager": 1.0,
            "et_train_rss_over_eager": 0.9}
+GEMM_RUNTIMES = ("eager", "executorch_xnnpack", "onnxruntime")  # gemm_floor.RUNTIMES, eager first
 WORKERS = ("infer-eager", "infer-et", "infer-ort", "train-eager", "train-et")
 
 
@@ -188,6 +191,16 @@ def run_worker(mode: str, artifacts: Path, warmup: int, repeats: int, threads: i
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_gemm_floor(runtime: str, artifacts: Path, threads: int) -> dict[str, Any]:
+    """One runtime's matmul floor (`gemm_floor.py`), in a process of its own like the workers."""
+    cmd = [sys.executable, str(Path(__file__).with_name("gemm_floor.py")), "--artifacts", str(artifacts),
+           "--runtime", runtime, "--tokens", str(SEQ), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"gemm floor {runtime} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def export_smollm2(out: Path) -> float:
     """Export SmolLM2 1G1S to every format with `comigs export`; returns the wall time."""
     start = time.perf_counter()
@@ -238,12 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {mode: run_worker(mode, artifacts, args.warmup, args.train_repeats if mode.startswith("train")
                                 else args.repeats, args.threads) for mode in WORKERS}
     eager_s, et_s, ort_s = (results[m]["median_s"] for m in ("infer-eager", "infer-et", "infer-ort"))
+    floors = {runtime: run_gemm_floor(runtime, artifacts, args.threads)["seconds"] for runtime in GEMM_RUNTIMES}
     figures: dict[str, Any] = {
         "et_infer_speedup": eager_s / et_s,
         "ort_infer_speedup": eager_s / ort_s,
         "et_train_time_over_eager": results["train-et"]["median_s"] / results["train-eager"]["median_s"],
         "et_train_rss_over_eager": results["train-et"]["peak_rss_mb"] / results["train-eager"]["peak_rss_mb"],
         "prefill_tokens_per_s": {"eager": SEQ / eager_s, "executorch_xnnpack": SEQ / et_s, "onnxruntime": SEQ / ort_s},
+        "gemm_floor_s": floors,
+        "infer_speedup_bound": {runtime: eager_s / floors[runtime] for runtime in GEMM_RUNTIMES[1:]},
         "train_step_s": {"eager": results["train-eager"]["median_s"], "executorch": results["train-et"]["median_s"]},
         "train_peak_rss_mb": {"eager": results["train-eager"]["peak_rss_mb"],
                               "executorch": results["train-et"]["peak_rss_mb"]},
@@ -289,6 +305,14 @@ def report(f: dict[str, Any]) -> str:
         f"                >= 1.5  {mark('et_infer_speedup')}",
         f"    ONNX Runtime           {tps['onnxruntime']:8.0f}   {f['ort_infer_speedup']:4.2f}"
         f"                >= 1.5  {mark('ort_infer_speedup')}",
+        "",
+        "    matmuls alone (gemm_floor.py): the fastest a runtime's prefill can be on this CPU",
+        "                            seconds   speed-up bound (eager prefill / floor)",
+    ]
+    for runtime, seconds in f["gemm_floor_s"].items():
+        bound = f["infer_speedup_bound"].get(runtime)
+        lines.append(f"    {runtime:<22} {seconds:8.3f}   " + (f"{bound:4.2f}" if bound else "-"))
+    lines += [
         "",
         "(b) training step           step s   peak RSS MiB",
         f"    eager PyTorch          {f['train_step_s']['eager']:7.3f}   {f['train_peak_rss_mb']['eager']:8.0f}",

@@ -1,0 +1,179 @@
+"""The base model's matmuls alone, in each runtime: a floor under that runtime's prefill time.
+
+Why this exists: the same unchanged inference artifacts measured 2.05x (ExecuTorch XNNPACK) and 1.89x
+(ONNX Runtime) over eager on one 2-core VM and 1.07x / 0.99x on another. A prefill of 1 x 128 tokens
+is ~80 % matmuls (34 GFLOP for SmolLM2-135M), so what a runtime's GEMM kernels reach *on this CPU*
+decides most of the answer. Here every frozen linear of one prefill (q, k, v, o, gate, up, down per
+block and the LM head) is timed in isolation with the benchmark's thread count, in each runtime:
+
+* eager: `torch.nn.functional.linear` (MKL / oneDNN);
+* ExecuTorch: one `nn.Linear` lowered with the XNNPACK partitioner (XNNPACK's f32 GEMM);
+* ONNX Runtime: one `MatMul` with a constant weight (MLAS, weight pre-packed by ORT).
+
+The sum over a prefill's linears is a floor: a runtime cannot run the prefill faster than its matmuls,
+so `eager prefill seconds / floor` bounds the speed-up over eager that the runtime can reach on this
+machine, whatever the graph around the matmuls does. Attention matmuls and LoRA experts (< 1 % of the
+FLOPs) are left out, which keeps the floor a true lower bound.
+
+    python benchmarks/gemm_floor.py --artifacts DIR [--runtime eager|executorch_xnnpack|onnxruntime]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+RUNTIMES = ("eager", "executorch_xnnpack", "onnxruntime")
+Shape = tuple[int, int]  # (out_features, in_features), like a Linear's weight
+
+
+def prefill_linears(parameters: Iterable[Mapping[str, Any]]) -> Counter[Shape]:
+    """How many frozen linears of each weight shape one forward runs, from the manifest's parameters.
+
+    Every frozen 2-D `*.weight` is a linear, except the token embedding, which is also the LM head
+    when the model ties them (no `lm_head.weight` of its own), as SmolLM2 does.
+    """
+    shapes: Counter[Shape] = Counter()
+    embedding: Shape | None = None
+    has_head = False
+    for p in parameters:
+        if p["role"] != "frozen" or len(p["shape"]) != 2 or not p["name"].endswith(".weight"):
+            continue
+        shape = (int(p["shape"][0]), int(p["shape"][1]))
+        if p["name"].endswith("embed_tokens.weight") or p["name"].endswith("wte.weight"):
+            embedding = shape
+            continue
+        has_head = has_head or p["name"].endswith("lm_head.weight")
+        shapes[shape] += 1
+    if not has_head and embedding is not None:
+        shapes[embedding] += 1
+    if not shapes:
+        raise ValueError("the manifest lists no frozen linear weights")
+    return shapes
+
+
+def median_seconds(fn: Callable[[], object], warmup: int = 3, repeats: int = 15) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _eager(shape: Shape, tokens: int) -> Callable[[], object]:
+    import torch
+
+    weight, x = torch.randn(*shape), torch.randn(tokens, shape[1])
+
+    def run() -> object:
+        with torch.no_grad():
+            return torch.nn.functional.linear(x, weight)
+
+    return run
+
+
+def _xnnpack(shape: Shape, tokens: int) -> Callable[[], object]:
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+
+    linear = torch.nn.Linear(shape[1], shape[0], bias=False).eval()
+    x = torch.randn(tokens, shape[1])
+    program = to_edge_transform_and_lower(torch.export.export(linear, (x,)),
+                                          partitioner=[XnnpackPartitioner()]).to_executorch()
+    buffer = program.buffer  # the loaded module reads from it: it must outlive the module
+    module = _load_for_executorch_from_buffer(buffer)
+
+    def run() -> object:
+        return module.forward([x]), buffer
+
+    return run
+
+
+def _onnxruntime(shape: Shape, tokens: int, threads: int) -> Callable[[], object]:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((shape[1], shape[0]), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, shape[0]])],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9  # what every ORT build of the last years reads
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((tokens, shape[1]), dtype=np.float32)
+    return lambda: session.run(["y"], {"x": x})
+
+
+@contextmanager
+def thread_count(threads: int) -> Iterator[None]:
+    """torch's and ExecuTorch's thread pools at `threads`, restored afterwards (a caller's process,
+    e.g. a test run, keeps its own settings)."""
+    import torch
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+
+    before = torch.get_num_threads(), _threadpool_get_thread_count()
+    torch.set_num_threads(threads)
+    _unsafe_reset_threadpool(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        _unsafe_reset_threadpool(before[1])
+
+
+def gemm_floor(runtime: str, linears: Mapping[Shape, int], tokens: int, threads: int) -> dict[str, Any]:
+    """Seconds of one prefill's linears in `runtime`; run in a process of its own (thread pools of
+    the other runtimes would otherwise spin on the same cores)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+    per_shape = {}
+    with thread_count(threads):
+        for shape in sorted(linears):
+            if runtime == "eager":
+                fn = _eager(shape, tokens)
+            elif runtime == "executorch_xnnpack":
+                fn = _xnnpack(shape, tokens)
+            else:
+                fn = _onnxruntime(shape, tokens, threads)
+            per_shape[shape] = median_seconds(fn)
+    seconds = sum(per_shape[s] * n for s, n in linears.items())
+    flops = sum(2 * tokens * s[0] * s[1] * n for s, n in linears.items())
+    return {"runtime": runtime, "seconds": seconds, "gflop": flops / 1e9, "gflops_per_s": flops / seconds / 1e9,
+            "per_shape_s": {f"{s[0]}x{s[1]}": per_shape[s] for s in sorted(per_shape)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, required=True, help="an export directory (its manifest.json)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="eager", help="default: %(default)s")
+    parser.add_argument("--tokens", type=int, default=128, help="rows of each matmul (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="default: %(default)s")
+    args = parser.parse_args(argv)
+    manifest = json.loads((args.artifacts / "manifest.json").read_text())
+    print(json.dumps(gemm_floor(args.runtime, prefill_linears(manifest["parameters"]), args.tokens, args.threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

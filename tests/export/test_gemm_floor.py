@@ -1,0 +1,46 @@
+"""The matmul floor of `benchmarks/bench_export.py`: the right linears, timed in every runtime."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from edge_runtime import roles
+
+from tests.export.export_helpers import Exported
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "gemm_floor.py"
+_SPEC = importlib.util.spec_from_file_location("gemm_floor", _PATH)
+gemm_floor = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(gemm_floor)
+
+
+def test_the_floor_counts_every_frozen_linear_of_a_forward_including_a_tied_head(llama_export: Exported) -> None:
+    model = llama_export.eager()
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    expected = Counter(tuple(m.weight.shape) for m in model.modules()
+                       if isinstance(m, nn.Linear) and roles.role_of(names[id(m.weight)]) is roles.Role.FROZEN)
+    assert gemm_floor.prefill_linears(llama_export.manifest.data["parameters"]) == expected
+    assert model.config.tie_word_embeddings  # the head is the embedding: counted once, as a linear
+
+
+@pytest.mark.parametrize("runtime", ["eager", "executorch_xnnpack", "onnxruntime"])
+def test_each_runtime_times_every_shape(runtime: str) -> None:
+    linears = Counter({(24, 16): 3, (16, 24): 1})
+    floor = gemm_floor.gemm_floor(runtime, linears, tokens=8, threads=1)
+    assert set(floor["per_shape_s"]) == {"24x16", "16x24"}
+    assert all(s > 0 for s in floor["per_shape_s"].values())
+    expected = 3 * floor["per_shape_s"]["24x16"] + floor["per_shape_s"]["16x24"]
+    assert floor["seconds"] == pytest.approx(expected)
+    assert floor["gflop"] == pytest.approx(2 * 8 * (3 * 24 * 16 + 16 * 24) / 1e9)
+
+
+def test_unknown_runtimes_and_manifests_without_linears_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown runtime 'tflite'"):
+        gemm_floor.gemm_floor("tflite", Counter({(4, 4): 1}), tokens=2, threads=1)
+    with pytest.raises(ValueError, match="no frozen linear"):
+        gemm_floor.prefill_linears([{"name": "a.lora_A", "role": "generalist", "shape": [4, 4]}])
