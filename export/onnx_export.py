@@ -15,6 +15,9 @@ Swapping experts at load time without touching files works with
 `SessionOptions.add_initializer(name, OrtValue)` *only* when ORT's ConstantFolding optimizer
 is disabled; otherwise ORT folds e.g. `Transpose(B)` with the file's value and silently ignores
 the override. `edge_runtime.artifacts.OnnxInference` does exactly that.
+
+The graph gets one rewrite before it is written (`onnx_rewrites.divide_by_roots`): RMSNorm's
+`x * Reciprocal(Sqrt(v))` becomes `x / Sqrt(v)`, the form ORT fuses into one kernel.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from edge_runtime.artifacts import ptd
 from edge_runtime.artifacts.layout import data_file, onnx_base_data_file, onnx_model_file
 from edge_runtime.artifacts.manifest import FORMAT_VERSION, KIND_ONNX, ONNX_EXPORT_ID_KEY, ONNX_FORMAT_VERSION_KEY
 from export.errors import ExportError
+from export.onnx_rewrites import divide_by_roots
 from export.prepare import PROGRAM_PREFIX, InferenceModule
 
 ALIGNMENT = 64
@@ -73,6 +77,7 @@ def export_onnx(model: nn.Module, *, fmt: str, max_batch: int, max_seq_len: int,
                                     input_names=["input_ids"], output_names=["logits"])
     proto = program.model_proto
     del program
+    divided = divide_by_roots(proto)  # lets ORT fuse each RMSNorm into one kernel
     params = {PROGRAM_PREFIX + n: p for n, p in model.named_parameters()}
     params.update({PROGRAM_PREFIX + n: b for n, b in model.named_buffers()})
     expert_inits, base_inits = [], []
@@ -114,6 +119,7 @@ def export_onnx(model: nn.Module, *, fmt: str, max_batch: int, max_seq_len: int,
         "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", "vocab"]}],
         "dims": {"batch": {"min": 1, "max": max_batch}, "seq": {"min": 1, "max": max_seq_len}},
         "opset": opset,
+        "graph_rewrites": {"divide_by_roots": divided},
         "pluggable": found,
         "session_options": {"disabled_optimizers": ["ConstantFolding"],
                             "why": "add_initializer overrides are ignored where ConstantFolding folded the "
