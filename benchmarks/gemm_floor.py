@@ -35,28 +35,39 @@ RUNTIMES = ("eager", "executorch_xnnpack", "onnxruntime")
 Shape = tuple[int, int]  # (out_features, in_features), like a Linear's weight
 
 
-def prefill_linears(parameters: Iterable[Mapping[str, Any]]) -> Counter[Shape]:
-    """How many frozen linears of each weight shape one forward runs, from the manifest's parameters.
+#: Leaf modules whose frozen `weight` is a matmul of every token, by how the weight is laid out.
+LINEAR_LEAVES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"})
+CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc"})  # GPT-2's Conv1D: weight is [in, out]
+TOKEN_EMBEDDINGS = frozenset({"embed_tokens", "wte"})  # also the LM head when the model ties them
 
-    Every frozen 2-D `*.weight` is a linear, except the token embedding, which is also the LM head
-    when the model ties them (no `lm_head.weight` of its own), as SmolLM2 does.
+
+def prefill_linears(parameters: Iterable[Mapping[str, Any]]) -> Counter[Shape]:
+    """How many frozen linears of each (out, in) shape one forward runs, from the manifest's parameters.
+
+    The manifest lists each parameter once, so a head tied to the token embedding (SmolLM2, GPT-2)
+    has no `lm_head.weight` of its own: the embedding then counts as the head. Position embeddings,
+    norms and the CoMiGS experts and routers are not frozen linears and are left out.
     """
     shapes: Counter[Shape] = Counter()
     embedding: Shape | None = None
     has_head = False
     for p in parameters:
-        if p["role"] != "frozen" or len(p["shape"]) != 2 or not p["name"].endswith(".weight"):
+        parts = p["name"].split(".")
+        if p["role"] != "frozen" or len(p["shape"]) != 2 or len(parts) < 2 or parts[-1] != "weight":
             continue
-        shape = (int(p["shape"][0]), int(p["shape"][1]))
-        if p["name"].endswith("embed_tokens.weight") or p["name"].endswith("wte.weight"):
-            embedding = shape
-            continue
-        has_head = has_head or p["name"].endswith("lm_head.weight")
-        shapes[shape] += 1
+        rows, cols = (int(d) for d in p["shape"])
+        leaf = parts[-2]
+        if leaf in LINEAR_LEAVES:
+            shapes[(rows, cols)] += 1
+            has_head = has_head or leaf == "lm_head"
+        elif leaf in CONV1D_LEAVES:
+            shapes[(cols, rows)] += 1
+        elif leaf in TOKEN_EMBEDDINGS:
+            embedding = (rows, cols)
     if not has_head and embedding is not None:
         shapes[embedding] += 1
     if not shapes:
-        raise ValueError("the manifest lists no frozen linear weights")
+        raise ValueError("the manifest lists no frozen linear weights of a known layout (Llama or GPT-2 names)")
     return shapes
 
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from edge_runtime import roles
+from export.manifest import parameter_table
 
-from tests.export.export_helpers import Exported
+from tests.builders import tiny_comigs
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "gemm_floor.py"
 _SPEC = importlib.util.spec_from_file_location("gemm_floor", _PATH)
@@ -19,13 +21,21 @@ gemm_floor = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(gemm_floor)
 
 
-def test_the_floor_counts_every_frozen_linear_of_a_forward_including_a_tied_head(llama_export: Exported) -> None:
-    model = llama_export.eager()
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_floor_counts_every_frozen_linear_of_a_forward_including_a_tied_head(arch: str) -> None:
+    model = tiny_comigs(arch, n_generalists=1, n_specialists=2)
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    expected = Counter(tuple(m.weight.shape) for m in model.modules()
-                       if isinstance(m, nn.Linear) and roles.role_of(names[id(m.weight)]) is roles.Role.FROZEN)
-    assert gemm_floor.prefill_linears(llama_export.manifest.data["parameters"]) == expected
+    expected: Counter[tuple[int, int]] = Counter()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or roles.role_of(names[id(weight)]) is not roles.Role.FROZEN:
+            continue
+        if isinstance(module, nn.Linear):
+            expected[tuple(weight.shape)] += 1
+        elif isinstance(module, Conv1D):  # GPT-2 stores [in, out]
+            expected[(weight.shape[1], weight.shape[0])] += 1
     assert model.config.tie_word_embeddings  # the head is the embedding: counted once, as a linear
+    assert gemm_floor.prefill_linears(parameter_table(model)) == expected
 
 
 @pytest.mark.parametrize("runtime", ["eager", "executorch_xnnpack", "onnxruntime"])
@@ -42,5 +52,5 @@ def test_each_runtime_times_every_shape(runtime: str) -> None:
 def test_unknown_runtimes_and_manifests_without_linears_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown runtime 'tflite'"):
         gemm_floor.gemm_floor("tflite", Counter({(4, 4): 1}), tokens=2, threads=1)
-    with pytest.raises(ValueError, match="no frozen linear"):
+    with pytest.raises(ValueError, match="no frozen linear weights of a known layout"):
         gemm_floor.prefill_linears([{"name": "a.lora_A", "role": "generalist", "shape": [4, 4]}])
