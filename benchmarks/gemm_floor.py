@@ -2,8 +2,9 @@
 
 Why this exists: the same unchanged inference artifacts measured 2.05x (ExecuTorch XNNPACK) and 1.89x
 (ONNX Runtime) over eager on one 2-core VM and 1.07x / 0.99x on another. A prefill of 1 x 128 tokens
-is ~80 % matmuls (34 GFLOP for SmolLM2-135M), so what a runtime's GEMM kernels reach *on this CPU*
-decides most of the answer. Here every frozen linear of one prefill (q, k, v, o, gate, up, down per
+is almost all frozen-weight matmuls (34.4 of ~36.3 GFLOP for SmolLM2-135M 1G1S; attention scores and
+LoRA experts are the rest), so what a runtime's GEMM kernels reach *on this CPU* decides most of the
+answer. Here every frozen linear of one prefill (q, k, v, o, gate, up, down per
 block and the LM head) is timed in isolation with the benchmark's thread count, in each runtime:
 
 * eager: `torch.nn.functional.linear` (MKL / oneDNN);
