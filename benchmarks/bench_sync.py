@@ -44,6 +44,7 @@ from results_file import RESULTS, update_section  # noqa: E402
 
 from edge_runtime.sync_client import DEFAULT_CHUNK_BYTES, RetryPolicy, SyncClient  # noqa: E402
 from sync_service import encoding  # noqa: E402
+from sync_service.allocator import DEFAULT_ARENAS, limit_malloc_arenas  # noqa: E402
 from sync_service.auth import add_device  # noqa: E402
 from sync_service.store import Store  # noqa: E402
 
@@ -110,6 +111,7 @@ def serve_raw(
     *,
     plaintext: bool = False,
     extra_options: Sequence[tuple[str, int]] = (),
+    malloc_arenas: int = 0,
 ) -> None:
     """A reference servicer with exactly the coordinator's transport (options, TLS, thread pool).
 
@@ -117,8 +119,10 @@ def serve_raw(
     mode "store": UploadDelta also does the part of the coordinator's work no implementation can skip
     without giving up integrity or durability: SHA-256 of the bytes compared with the header's, the bytes
     written to a temp file, fsync, rename, directory fsync (no auth, no validation, no database).
-    `plaintext` and `extra_options` are for `probe_sync_memory.py` (TLS's share, gRPC option trials).
+    `plaintext` and `extra_options` are for `probe_sync_memory.py` (TLS's share, gRPC option trials);
+    `malloc_arenas` caps glibc's arenas as `comigs sync serve --malloc-arenas` does (same process setup).
     """
+    limit_malloc_arenas(malloc_arenas)  # before any thread
     import hashlib
     import tempfile as tempfile_module
 
@@ -358,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the coordinator's upload slots (default: its own default, max-workers - 4; 0: no admission)",
     )
     parser.add_argument(
+        "--malloc-arenas",
+        type=int,
+        default=DEFAULT_ARENAS,
+        help="glibc malloc arenas of the coordinator and both reference servers (0: glibc's default)",
+    )
+    parser.add_argument(
         "--chunk-kib",
         type=int,
         default=DEFAULT_CHUNK_BYTES // 1024,
@@ -377,12 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-save", action="store_true", help="print only; do not touch the results file")
     parser.add_argument(
-        "--serve-raw", nargs=5, metavar=("CERT", "KEY", "READY", "WORKERS", "MODE"), help=argparse.SUPPRESS
+        "--serve-raw", nargs=6, metavar=("CERT", "KEY", "READY", "WORKERS", "MODE", "ARENAS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.serve_raw:
-        cert, key, ready, workers, mode = args.serve_raw
-        serve_raw(cert, key, ready, int(workers), mode)
+        cert, key, ready, workers, mode, arenas = args.serve_raw
+        serve_raw(cert, key, ready, int(workers), mode, malloc_arenas=int(arenas))
         return 0
     if args.devices < 1 or args.repeat < 1:
         parser.error("--devices and --repeat must be >= 1")
@@ -449,12 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.upload_slots is not None:
             command += ["--upload-slots", str(args.upload_slots)]
+        command += ["--malloc-arenas", str(args.malloc_arenas)]
         def reference_server(mode: str) -> tuple[subprocess.Popen, Path, Path]:
             ready_file, log_file = tmp / f"{mode}.json", tmp / f"{mode}.log"
             with open(log_file, "wb") as log:
                 process = subprocess.Popen(
                     [sys.executable, __file__, "--serve-raw", str(cert), str(key), str(ready_file)]
-                    + [str(args.max_workers), mode],
+                    + [str(args.max_workers), mode, str(args.malloc_arenas)],
                     env=env,
                     stdout=log,
                     stderr=log,
@@ -595,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         "int8_max_abs_error_over_max_abs": round(int8_max_abs / max_abs, 5),
         "server_max_workers": args.max_workers,
         "upload_slots": "server default" if args.upload_slots is None else args.upload_slots,
+        "malloc_arenas": args.malloc_arenas or "glibc default",
         "slot_requests_per_upload": round(sum(polls.values()) / (args.devices * args.repeat), 2),
         "mean_streams_while_devices_wait": slot_sampler.mean_streaming(),
         "transport": "TLS over loopback, one connection per device, all devices upload at once",
