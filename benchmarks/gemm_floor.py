@@ -13,8 +13,10 @@ block and the LM head) is timed in isolation with the benchmark's thread count, 
 
 The sum over a prefill's linears is a floor: a runtime cannot run the prefill faster than its matmuls,
 so `eager prefill seconds / floor` bounds the speed-up over eager that the runtime can reach on this
-machine, whatever the graph around the matmuls does. Attention matmuls and LoRA experts (< 1 % of the
-FLOPs) are left out, which keeps the floor a true lower bound.
+machine, whatever the graph around the matmuls does. Attention matmuls and LoRA experts are left out.
+Approximate, not exact: each isolated call also pays a runtime call and an output copy (25 MB for the
+head), so on a noisy machine the figure can exceed what the same matmuls cost inside a program; the
+per-runtime ratio of the figures (same shapes, same threads, same run) is the robust reading.
 
     python benchmarks/gemm_floor.py --artifacts DIR [--runtime eager|executorch_xnnpack|onnxruntime]
 """
