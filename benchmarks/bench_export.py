@@ -39,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import update_section  # noqa: E402
+from timing import time_calls  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,17 +93,6 @@ def eager_model(artifacts: Path) -> Any:
 def artifact_mib(manifest: Any, name: str) -> float:
     files = set(manifest.artifact(name)["files"].values())
     return sum(manifest.data["files"][f]["bytes"] for f in files) / 2**20
-
-
-def time_calls(fn: Any, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def set_threads(threads: int) -> None:

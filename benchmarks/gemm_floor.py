@@ -27,12 +27,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import time_calls  # noqa: E402
 
 RUNTIMES = ("eager", "executorch_xnnpack", "onnxruntime")
 Shape = tuple[int, int]  # (out_features, in_features), like a Linear's weight
@@ -72,17 +74,6 @@ def prefill_linears(parameters: Iterable[Mapping[str, Any]]) -> Counter[Shape]:
     if not shapes:
         raise ValueError("the manifest lists no frozen linear weights of a known layout (Llama or GPT-2 names)")
     return shapes
-
-
-def median_seconds(fn: Callable[[], object], warmup: int = 3, repeats: int = 15) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _eager(shape: Shape, tokens: int) -> Callable[[], object]:
@@ -170,7 +161,7 @@ def gemm_floor(runtime: str, linears: Mapping[Shape, int], tokens: int, threads:
                 fn = _xnnpack(shape, tokens)
             else:
                 fn = _onnxruntime(shape, tokens, threads)
-            per_shape[shape] = median_seconds(fn)
+            per_shape[shape] = statistics.median(time_calls(fn, warmup=3, repeats=15))
     seconds = sum(per_shape[s] * n for s, n in linears.items())
     flops = sum(2 * tokens * s[0] * s[1] * n for s, n in linears.items())
     return {"runtime": runtime, "seconds": seconds, "gflop": flops / 1e9, "gflops_per_s": flops / seconds / 1e9,
