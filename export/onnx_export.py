@@ -16,7 +16,9 @@ Swapping experts at load time without touching files works with
 is disabled; otherwise ORT folds e.g. `Transpose(B)` with the file's value and silently ignores
 the override. `edge_runtime.artifacts.OnnxInference` does exactly that.
 
-The graph gets one rewrite before it is written (`onnx_rewrites.divide_by_roots`): RMSNorm's
+The mixture of experts is traced in its batched form (`export.prepare.stack_experts`: a few
+wide kernels per layer instead of a dozen rank-r ones per expert, which ORT runs faster), and the
+graph gets one rewrite before it is written (`onnx_rewrites.divide_by_roots`): RMSNorm's
 `x * Reciprocal(Sqrt(v))` becomes `x / Sqrt(v)`, the form ORT fuses into one kernel.
 """
 
@@ -35,7 +37,7 @@ from edge_runtime.artifacts.layout import data_file, onnx_base_data_file, onnx_m
 from edge_runtime.artifacts.manifest import FORMAT_VERSION, KIND_ONNX, ONNX_EXPORT_ID_KEY, ONNX_FORMAT_VERSION_KEY
 from export.errors import ExportError
 from export.onnx_rewrites import divide_by_roots
-from export.prepare import PROGRAM_PREFIX, InferenceModule
+from export.prepare import PROGRAM_PREFIX, InferenceModule, stack_experts
 
 ALIGNMENT = 64
 EXAMPLE_SHAPE = (2, 16)  # batch 2: an example batch of 1 would specialise the batch dimension to 1
@@ -71,7 +73,7 @@ def export_onnx(model: nn.Module, *, fmt: str, max_batch: int, max_seq_len: int,
     batch_dim = torch.export.Dim("batch", min=1, max=max_batch)
     seq_dim = torch.export.Dim("seq", min=1, max=max_seq_len)
     example = (torch.zeros(*EXAMPLE_SHAPE, dtype=torch.long),)
-    with torch.no_grad():
+    with torch.no_grad(), stack_experts(model):
         program = torch.onnx.export(wrapper, example, None, dynamo=True, optimize=False, verbose=False,
                                     dynamic_shapes=({0: batch_dim, 1: seq_dim},),
                                     input_names=["input_ids"], output_names=["logits"])

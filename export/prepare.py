@@ -86,6 +86,22 @@ def requires_grad_only(model: nn.Module, names: set[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def stack_experts(model: nn.Module) -> Iterator[None]:
+    """Inside the block every MoE layer evaluates its dense mixture with all experts batched
+    (`edge_runtime.model.stacked_experts`): the form ONNX Runtime runs fastest. The ExecuTorch
+    programs are traced outside it, on the per-expert loop."""
+    layers = list(moe_layers(model))
+    before = [layer.stack_experts for layer in layers]
+    try:
+        for layer in layers:
+            layer.stack_experts = True
+        yield
+    finally:
+        for layer, flag in zip(layers, before, strict=True):
+            layer.stack_experts = flag
+
+
+@contextlib.contextmanager
 def quiet_export_warnings() -> Iterator[None]:
     """Silence one known, harmless torch.export warning: each MoE layer stores its load-balancing
     loss as a plain attribute during forward (`aux_loss`), which torch.export reports as "tensor

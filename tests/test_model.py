@@ -116,6 +116,30 @@ def test_grouped_and_dense_mixtures_agree_in_value_and_gradient(arch, g, s, k, b
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(("g", "s", "k"),
+                         [(1, 0, None), (0, 1, None), (1, 1, None), (1, 3, None), (2, 6, 2), (1, 4, 1)])
+def test_stacked_and_looped_dense_mixtures_agree_in_value_and_gradient(arch, g, s, k, batch):
+    """The batched form the ONNX export traces (`stack_experts`) is the same function as the loop."""
+    results = []
+    for stacked in (False, True):
+        model = tiny_comigs(arch, n_generalists=g, n_specialists=s, top_k=k)
+        randomize_experts(model)
+        for layer in moe_layers(model):
+            layer.force_dense, layer.stack_experts = True, stacked
+        model.eval()  # no dropout; gradients still flow (the training path's recompute is not involved)
+        ids, targets = batch
+        logits = model(input_ids=ids, use_cache=False).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (logits_a, grads_a), (logits_b, grads_b) = results
+    assert logits_a.abs().max() > 0
+    torch.testing.assert_close(logits_a, logits_b, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_recompute_changes_nothing_but_memory(batch):
     grads = []
     for recompute in (True, False):

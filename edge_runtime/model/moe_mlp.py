@@ -14,7 +14,9 @@ Two ways to evaluate the mixture, with identical results:
   tokens, so the cost does not grow with the number of experts a device holds; one autograd
   Function with a hand-written backward (`grouped_experts.py`);
 - *dense* (k = E, and always under torch.export): every expert on every token with zero gates
-  for the unselected ones; static shapes, as ExecuTorch and ONNX need.
+  for the unselected ones; static shapes, as ExecuTorch and ONNX need. With `stack_experts`
+  (set for the ONNX export) the same mixture runs with all experts batched
+  (`stacked_experts.py`): fewer, wider kernels, which is what ONNX Runtime needs.
 The per-expert hidden states (the only activations that scale with k) are recomputed in the
 backward pass instead of being saved: always on the grouped path, and on the dense path when
 `recompute_experts` is set (by torch's checkpoint).
@@ -33,6 +35,7 @@ from edge_runtime.model.config import CoMiGSConfig
 from edge_runtime.model.grouped_experts import ExpertGroups, grouped_mixture
 from edge_runtime.model.lora import ExpertBank, linear_dims
 from edge_runtime.model.router import Router
+from edge_runtime.model.stacked_experts import stacked_mixture
 
 # (input linears before the activation, output linear, activation attribute)
 _GATED = (("gate_proj", "up_proj"), "down_proj", "act_fn")
@@ -72,6 +75,7 @@ class CoMiGSMLP(nn.Module):
                   if config.has_router else None)
         setattr(self, roles.ROUTER_MODULE, router)
         self.force_dense = False
+        self.stack_experts = False  # dense path only: all experts batched (see stacked_experts.py)
         self.aux_loss: torch.Tensor | None = None
         # Summed gate weight per expert while recording (see `record_routing`); None: off.
         self.routing_totals: torch.Tensor | None = None
@@ -92,6 +96,8 @@ class CoMiGSMLP(nn.Module):
             hbar, delta = self._mix_grouped(x, weights, experts, *pre)  # recomputes in its own backward
         elif self.config.recompute_experts and self.training and torch.is_grad_enabled() and not exporting:
             hbar, delta = checkpoint(self._mix_dense, x, weights, experts, *pre, use_reentrant=False)
+        elif self.stack_experts:
+            hbar, delta = self._mix_stacked(x, weights, experts, *pre)
         else:
             hbar, delta = self._mix_dense(x, weights, experts, *pre)
         out = getattr(self.base, self.out_name)(hbar) + delta
@@ -113,10 +119,7 @@ class CoMiGSMLP(nn.Module):
     def _mix_dense(self, x: torch.Tensor, weights: torch.Tensor | None, experts: torch.Tensor | None,
                    *pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out_bank = self.experts[self.out_name]
-        gates = None
-        if weights is not None:
-            gates = torch.zeros(x.shape[0], self.n_experts, dtype=x.dtype, device=x.device)
-            gates = gates.scatter(1, experts, weights)
+        gates = self._dense_gates(x, weights, experts)
         hbar = delta = None
         for e in range(self.n_experts):
             h = self._hidden(x, pre, e)
@@ -128,6 +131,22 @@ class CoMiGSMLP(nn.Module):
                 hbar = h * g if hbar is None else torch.addcmul(hbar, h, g)
             delta = d if delta is None else delta + d
         return hbar, delta
+
+    def _mix_stacked(self, x: torch.Tensor, weights: torch.Tensor | None, experts: torch.Tensor | None,
+                     *pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return stacked_mixture(
+            x, pre, self._dense_gates(x, weights, experts),
+            [self.experts[name].factor_stacks(x.dtype) for name in self.in_names],
+            self.experts[self.out_name].factor_stacks(x.dtype),
+            getattr(self.base, self.act_name), self.config.scale)
+
+    def _dense_gates(self, x: torch.Tensor, weights: torch.Tensor | None,
+                     experts: torch.Tensor | None) -> torch.Tensor | None:
+        """(N, E) gate weights with zeros for the experts a token did not select; None without a router."""
+        if weights is None:
+            return None
+        gates = torch.zeros(x.shape[0], self.n_experts, dtype=x.dtype, device=x.device)
+        return gates.scatter(1, experts, weights)
 
     def _mix_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                      *pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
