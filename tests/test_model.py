@@ -96,6 +96,17 @@ def test_balance_loss_is_one_at_target_and_penalises_imbalance():
     assert float(router.balance_loss(skewed, torch.zeros(4, 1, dtype=torch.long))) > 1.5
 
 
+def _trainable_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Two mixture paths must give every trainable parameter the same gradient."""
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize(("g", "s", "k"), [(1, 3, None), (2, 6, None), (1, 4, 1), (0, 4, None), (3, 0, None)])
 def test_grouped_and_dense_mixtures_agree_in_value_and_gradient(arch, g, s, k, batch):
@@ -108,12 +119,10 @@ def test_grouped_and_dense_mixtures_agree_in_value_and_gradient(arch, g, s, k, b
         model.train()
         loss, _ = language_model_loss(model, *batch)
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append((loss.detach(), _trainable_grads(model)))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_grads(grads_a, grads_b)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -131,13 +140,11 @@ def test_stacked_and_looped_dense_mixtures_agree_in_value_and_gradient(arch, g, 
         ids, targets = batch
         logits = model(input_ids=ids, use_cache=False).logits
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
-        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append((logits.detach(), _trainable_grads(model)))
     (logits_a, grads_a), (logits_b, grads_b) = results
     assert logits_a.abs().max() > 0
     torch.testing.assert_close(logits_a, logits_b, rtol=1e-5, atol=1e-5)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_grads(grads_a, grads_b)
 
 
 def test_recompute_changes_nothing_but_memory(batch):
