@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import ipaddress
 import json
 import os
 import statistics
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_file import RESULTS, update_section  # noqa: E402
 
+from edge_runtime.agent.certificate import make_certificate  # noqa: E402
 from edge_runtime.sync_client import DEFAULT_CHUNK_BYTES, RetryPolicy, SyncClient  # noqa: E402
 from sync_service import encoding  # noqa: E402
 from sync_service.allocator import DEFAULT_ARENAS, limit_malloc_arenas  # noqa: E402
@@ -68,35 +68,8 @@ def smollm2_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def make_cert(directory: Path) -> tuple[Path, Path, bytes]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    (directory / "cert.pem").write_bytes(pem)
-    (directory / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return directory / "cert.pem", directory / "key.pem", pem
+    cert, key = make_certificate(directory, days=1)
+    return cert, key, cert.read_bytes()
 
 
 # ------------------------------------------------------------------------------------ trivial servicer

@@ -7,4 +7,5 @@ Modules, one concept each:
 - `loop`: the round loop (register, task, download, train, upload the generalist delta, report)
 - `cli`: `comigs edge run` / `comigs edge plan` / `comigs edge demo`
 - `demo`: the four-device demo on loopback
+- `certificate`: the self-signed loopback certificate the demo, the sync tests and the sync benchmark use
 """

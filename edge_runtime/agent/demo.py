@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
-import ipaddress
 import json
 import os
 import subprocess
@@ -33,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from edge_runtime.agent.certificate import make_certificate
 
 DEMO_EXPERTS = ("1,0", "1,1", "1,1", "1,3")  # 1, 2, 2 and 4 experts per MLP
 DEFAULT_RUN_DIR = Path("runs/edge-demo")
@@ -85,33 +85,6 @@ def _run_logged(command: list[str], log: Path, what: str) -> None:
         code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=_env())
     if code != 0:
         raise DemoError(f"{what} failed (exit {code}); see {log}:\n{log.read_text(errors='replace')[-2000:]}")
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost/127.0.0.1 (the devices trust exactly this certificate)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return cert_path, key_path
 
 
 def device_dirs(scenario: Path) -> list[Path]:

@@ -7,9 +7,7 @@ name (not conftest) so test files can import it without clashing with other test
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import signal
@@ -23,6 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from edge_runtime.agent.certificate import make_certificate
 from edge_runtime.sync_client import RetryPolicy, SyncClient
 from sync_service import encoding
 from sync_service.auth import add_device
@@ -82,45 +81,9 @@ class Tls:
     cert_pem: bytes
 
 
-def _make_cert(directory: Path) -> Tls:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    (directory / "cert.pem").write_bytes(cert_pem)
-    (directory / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return Tls(directory / "cert.pem", directory / "key.pem", cert_pem)
-
-
 def make_tls(directory: Path) -> Tls:
-    return _make_cert(directory)
+    cert, key = make_certificate(directory, days=1)
+    return Tls(cert, key, cert.read_bytes())
 
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.05, max_backoff_s=0.2)
