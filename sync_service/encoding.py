@@ -34,6 +34,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -536,7 +537,38 @@ def check_scale(value: TensorEntry, scale: TensorEntry, scale_values: np.ndarray
         )
 
 
-class TensorFile(Mapping[str, np.ndarray]):
+class _PayloadReader(Mapping[str, np.ndarray]):
+    """What the two lazy payload readers share: a list of tensor names and a file descriptor (-1: none
+    held) that `close()`, the `with` block or garbage collection releases."""
+
+    _fd: int = -1
+    _names: list[str]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class TensorFile(_PayloadReader):
     """Lazy read access to a payload file: each tensor is read (and dequantised) when it is asked for.
 
     Aggregation streams uploads through this, so it holds one tensor at a time, not one upload.
@@ -558,7 +590,7 @@ class TensorFile(Mapping[str, np.ndarray]):
                 raise PayloadError(f"{self.path}: header length {length} is invalid")
             self.header = parse_header(os.pread(self._fd, length, 8), data_length=size - 8 - length)
         except BaseException:
-            os.close(self._fd)
+            self.close()  # and forget the descriptor: __del__ must not close a number reused since
             raise
         self._entries = self.header.by_name()
         self._names = sorted(n for n in self._entries if not is_scale_name(n))
@@ -584,31 +616,9 @@ class TensorFile(Mapping[str, np.ndarray]):
             )
         return values.astype(np.float32)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> TensorFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
-class IndexedPayloadFile(Mapping[str, np.ndarray]):
+class IndexedPayloadFile(_PayloadReader):
     """Compact lazy reader for an upload already validated against a manifest, for aggregating many.
 
     A round may hold hundreds of uploads and aggregation reads every one of them tensor by tensor, so
@@ -680,13 +690,3 @@ class IndexedPayloadFile(Mapping[str, np.ndarray]):
         scales = np.frombuffer(scale_raw, "<f4").reshape(scale_shape)
         return dequantize_int8(array_from_bytes(entry, raw), scales)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
