@@ -95,24 +95,23 @@ def artifact_mib(manifest: Any, name: str) -> float:
     return sum(manifest.data["files"][f]["bytes"] for f in files) / 2**20
 
 
-def set_threads(threads: int) -> None:
-    """The same number of threads for every runtime: torch (eager), ExecuTorch's threadpool (XNNPACK),
-    ONNX Runtime (intra-op, set in the worker)."""
+def set_threads(threads: int, executorch: bool) -> None:
+    """The same number of threads for every runtime: torch (eager), ExecuTorch's threadpool (XNNPACK;
+    only ExecuTorch workers load its runtime, so the eager workers' memory is eager's alone), ONNX
+    Runtime (intra-op, set in the worker)."""
     import torch
 
     torch.set_num_threads(threads)
-    try:
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    if executorch:
+        from edge_runtime.artifacts.executorch_runtime import set_threads as set_executorch_threads
 
-        _unsafe_reset_threadpool(threads)
-    except ImportError:  # pragma: no cover - older executorch
-        pass
+        set_executorch_threads(threads)
 
 
 def worker(mode: str, artifacts: Path, warmup: int, repeats: int, threads: int) -> dict[str, Any]:
     import torch
 
-    set_threads(threads)
+    set_threads(threads, executorch=mode in ("infer-et", "train-et"))
 
     if mode == "infer-eager":
         model, manifest = eager_model(artifacts)

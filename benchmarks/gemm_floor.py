@@ -135,16 +135,18 @@ def thread_count(threads: int) -> Iterator[None]:
     """torch's and ExecuTorch's thread pools at `threads`, restored afterwards (a caller's process,
     e.g. a test run, keeps its own settings)."""
     import torch
-    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
 
-    before = torch.get_num_threads(), _threadpool_get_thread_count()
+    from edge_runtime.artifacts.executorch_runtime import runtime
+
+    et = runtime()
+    before = torch.get_num_threads(), et._threadpool_get_thread_count()
     torch.set_num_threads(threads)
-    _unsafe_reset_threadpool(threads)
+    et._unsafe_reset_threadpool(threads)
     try:
         yield
     finally:
         torch.set_num_threads(before[0])
-        _unsafe_reset_threadpool(before[1])
+        et._unsafe_reset_threadpool(before[1])
 
 
 def gemm_floor(runtime: str, linears: Mapping[Shape, int], tokens: int, threads: int) -> dict[str, Any]:

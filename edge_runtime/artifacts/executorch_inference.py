@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from edge_runtime.artifacts.executorch_open import check_identity, open_checked, patched_data_file
+from edge_runtime.artifacts.executorch_runtime import InferenceProgram
 from edge_runtime.artifacts.inputs import check_token_ids
 from edge_runtime.artifacts.manifest import KIND_ET_INFERENCE
 
@@ -28,8 +29,6 @@ class ExecuTorchInference:
     def __init__(self, directory: str | Path, artifact: str = "pte-xnnpack", *,
                  experts: Mapping[str, Any] | None = None, verify: bool = True,
                  memory_budget_bytes: int | None = None) -> None:
-        from executorch.runtime import Runtime
-
         self.manifest, self.entry = open_checked(directory, artifact, KIND_ET_INFERENCE, verify, memory_budget_bytes)
         self.artifact = artifact
         self._workdir: tempfile.TemporaryDirectory | None = None
@@ -37,21 +36,21 @@ class ExecuTorchInference:
         if experts:
             self._workdir = tempfile.TemporaryDirectory(prefix="comigs-experts-")
             data_path = patched_data_file(self.manifest, artifact, experts, self._workdir)
-        program = Runtime.get().load_program(self.manifest.path(artifact, "program"), data_path=data_path)
-        check_identity(self.manifest, artifact, set(program.method_names),
-                       lambda name: program.load_method(name).execute([])[0])
-        self._program = program
-        self._method = program.load_method(self.entry.get("method", "forward"))
+        program = InferenceProgram(self.manifest.path(artifact, "program"), data_path,
+                                   method=self.entry.get("method", "forward"))
+        check_identity(self.manifest, artifact, program.method_names, lambda name: program.run([], name)[0])
+        self._program: InferenceProgram | None = program
         self.vocab_size = int(self.manifest.data["base_model"]["vocab_size"])
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq = self.entry["dims"]["seq"]
         ids = check_token_ids(input_ids, what=f"{self.artifact} input_ids", batch=self.entry["batch"],
                               seq_min=seq["min"], seq_max=seq["max"], vocab_size=self.vocab_size)
-        return self._method.execute([ids])[0]
+        if self._program is None:
+            raise RuntimeError(f"{self.artifact}: the program is closed.")
+        return self._program.run([ids])[0]
 
     def close(self) -> None:
-        self._method = None
         self._program = None
         if self._workdir is not None:
             self._workdir.cleanup()

@@ -25,6 +25,7 @@ import torch
 
 from edge_runtime.artifacts.errors import ArtifactInputError
 from edge_runtime.artifacts.executorch_open import check_identity, open_checked, patched_data_file
+from edge_runtime.artifacts.executorch_runtime import TrainingProgram
 from edge_runtime.artifacts.inputs import check_token_ids
 from edge_runtime.artifacts.manifest import KIND_ET_TRAINING
 
@@ -49,9 +50,6 @@ class ExecuTorchTrainer:
     def __init__(self, directory: str | Path, artifact: str = "pte-train", *,
                  experts: Mapping[str, Any] | None = None, verify: bool = True,
                  memory_budget_bytes: int | None = None, optimizer: OptimizerSettings | None = None) -> None:
-        from executorch.extension.pybindings.portable_lib import _load_for_executorch
-        from executorch.extension.training import TrainingModule
-
         self.manifest, self.entry = open_checked(directory, artifact, KIND_ET_TRAINING, verify, memory_budget_bytes)
         self.artifact = artifact
         self.settings = optimizer or OptimizerSettings()
@@ -60,10 +58,9 @@ class ExecuTorchTrainer:
         if experts:
             self._workdir = tempfile.TemporaryDirectory(prefix="comigs-experts-")
             data_path = patched_data_file(self.manifest, artifact, experts, self._workdir)
-        module = _load_for_executorch(str(self.manifest.path(artifact, "program")), data_path=str(data_path))
-        check_identity(self.manifest, artifact, set(module.method_names()),
-                       lambda name: module.run_method(name, ())[0])
-        self._module = TrainingModule(module)
+        program = TrainingProgram(self.manifest.path(artifact, "program"), data_path)
+        check_identity(self.manifest, artifact, program.method_names, lambda name: program.run_method(name)[0])
+        self._program: TrainingProgram | None = program
         self._method = self.entry.get("method", "forward")
         self.groups: dict[str, list[str]] = {k: list(v) for k, v in self.entry["optimizer_groups"].items()}
         self.vocab_size = int(self.manifest.data["base_model"]["vocab_size"])
@@ -79,11 +76,13 @@ class ExecuTorchTrainer:
                      vocab_size=self.vocab_size)
         ids = check_token_ids(input_ids, what=f"{self.artifact} input_ids", **shape)
         tgt = check_token_ids(targets, what=f"{self.artifact} targets", **shape)
-        outputs = self._module.forward_backward(self._method, (ids, tgt))
+        if self._program is None:
+            raise RuntimeError(f"{self.artifact}: the trainer is closed.")
+        out = self._program.forward_backward(self._method, (ids, tgt))
         if self._params is None:
-            self._params = {name.removeprefix(_PREFIX): t for name, t in self._module.named_parameters().items()}
-        grads = {name.removeprefix(_PREFIX): g for name, g in self._module.named_gradients().items()}
-        return float(outputs[0]), grads
+            self._params = {name.removeprefix(_PREFIX): t for name, t in out.parameters.items()}
+        grads = {name.removeprefix(_PREFIX): g for name, g in out.gradients.items()}
+        return float(out.outputs[0]), grads
 
     # -- optimisation -------------------------------------------------------------------------
     def step(self, phase: Phase, input_ids: torch.Tensor, targets: torch.Tensor) -> float:
@@ -145,7 +144,7 @@ class ExecuTorchTrainer:
     def close(self) -> None:
         self._optimizers.clear()
         self._params = None
-        self._module = None
+        self._program = None
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None

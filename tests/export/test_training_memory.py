@@ -98,3 +98,25 @@ def test_late_order_is_installed_only_inside_the_block():
     with late_delegate_order():
         assert lowered_backend_module.topo_sort is late_topo_sort
     assert lowered_backend_module.topo_sort is original
+
+
+def test_running_programs_does_not_import_the_compiler(llama_export):
+    """The loaders use the runtime extension alone: `executorch.exir` (and torchao, ~130 MB resident)
+    stays out of a process that only runs programs. A fresh interpreter, as on a device."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, torch
+from edge_runtime.artifacts import ExecuTorchInference, ExecuTorchTrainer
+d = {str(llama_export.directory)!r}
+with ExecuTorchInference(d, "pte-xnnpack") as m:
+    logits = m.logits(torch.zeros(1, 8, dtype=torch.long))
+with ExecuTorchTrainer(d) as t:
+    ids = torch.zeros(t.entry["batch"], t.entry["seq_len"], dtype=torch.long)
+    loss = t.step("experts", ids, ids)
+print(sorted(m for m in sys.modules if m.startswith(("executorch.exir", "torchao"))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
