@@ -12,8 +12,10 @@ delegate was exported with.)
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,26 +34,68 @@ class PtdEntry:
     sizes: tuple[int, ...] | None  # tensor shape when the entry carries a layout (non-delegated constants)
 
 
+_HEADER_MAGIC = b"FH01"  # the FlatTensor extended header, right after the flatbuffer's 8-byte prefix
+_HEADER_BYTES = 40  # magic, length (u32); flatbuffer offset, size; segment base offset, data size (u64)
+_FILE_IDENTIFIER = b"FT01"
+
+
 def read_index(data: bytes, source: str = "<ptd>") -> dict[str, PtdEntry]:
-    """key -> location of its bytes, from a whole .ptd file's contents."""
-    try:
-        from executorch.extension.flat_tensor.serialize.serialize import (
-            FlatTensorHeader,
-            _deserialize_to_flat_tensor,
-        )
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ArtifactError("reading .ptd files needs the `executorch` package (pip install executorch).") from exc
-    header = FlatTensorHeader.from_bytes(data[8:])
-    if not header.is_valid():
+    """key -> location of its bytes, from a whole .ptd file's contents.
+
+    Read with the flatbuffers runtime and the FlatTensor schema's field order
+    (executorch/extension/flat_tensor/serialize/flat_tensor.fbs) rather than executorch's serializer,
+    which imports `executorch.exir` (~130 MB resident) into a device process that only swaps weights.
+    """
+    header = data[8:8 + _HEADER_BYTES]
+    if len(header) < _HEADER_BYTES or header[:4] != _HEADER_MAGIC or data[4:8] != _FILE_IDENTIFIER:
         raise ArtifactError(f"{source} is not an ExecuTorch .ptd file (bad FlatTensor header).")
-    flat = _deserialize_to_flat_tensor(data[: header.flatbuffer_offset + header.flatbuffer_size])
+    fields = [int.from_bytes(header[i:i + 8], "little") for i in range(8, _HEADER_BYTES, 8)]
+    flatbuffer_offset, flatbuffer_size, segment_base = fields[0], fields[1], fields[2]
+    end = flatbuffer_offset + flatbuffer_size  # the flatbuffer proper, with its prefix and this header
+    if end > len(data) or segment_base > len(data):
+        raise ArtifactError(f"{source}: FlatTensor header points outside the file ({len(data)} bytes).")
+    try:
+        return _named_data(memoryview(data)[:end], segment_base)
+    except (IndexError, ValueError, struct.error) as exc:  # UnicodeDecodeError is a ValueError
+        raise ArtifactError(f"{source}: corrupt FlatTensor index ({exc}).") from None
+
+
+def _named_data(buf: memoryview, segment_base: int) -> dict[str, PtdEntry]:
+    from flatbuffers import number_types as N
+    from flatbuffers.table import Table
+
+    def table(pos: int) -> Table:
+        return Table(buf, pos)
+
+    def field(t: Table, slot: int) -> int:  # 0 when the field is absent
+        return t.Offset(4 + 2 * slot)
+
+    def scalar(t: Table, slot: int, flags: Any) -> int:
+        o = field(t, slot)
+        return int(t.Get(flags, t.Pos + o)) if o else 0
+
+    def tables(t: Table, slot: int) -> list[Table]:
+        o = field(t, slot)
+        if not o:
+            return []
+        start = t.Vector(o)
+        return [table(t.Indirect(start + 4 * i)) for i in range(t.VectorLen(o))]
+
+    root = table(int(N.UOffsetTFlags.py_type(int.from_bytes(buf[:4], "little"))))
+    segments = [(scalar(s, 0, N.Uint64Flags), scalar(s, 1, N.Uint64Flags)) for s in tables(root, 1)]
     index: dict[str, PtdEntry] = {}
-    for named in flat.named_data:
-        segment = flat.segments[named.segment_index]
-        layout = named.tensor_layout
-        index[named.key] = PtdEntry(offset=header.segment_base_offset + segment.offset, size=segment.size,
-                                    segment=named.segment_index,
-                                    sizes=tuple(layout.sizes) if layout is not None else None)
+    for named in tables(root, 2):
+        key = bytes(named.String(named.Pos + field(named, 0))).decode()
+        segment = scalar(named, 1, N.Uint32Flags)
+        offset, size = segments[segment]
+        sizes = None
+        layout_at = field(named, 2)
+        if layout_at:
+            layout = table(named.Indirect(named.Pos + layout_at))
+            o = field(layout, 1)
+            sizes = tuple(int(layout.Get(N.Int32Flags, layout.Vector(o) + 4 * i))
+                          for i in range(layout.VectorLen(o))) if o else ()
+        index[key] = PtdEntry(offset=segment_base + offset, size=size, segment=segment, sizes=sizes)
     return index
 
 

@@ -100,21 +100,26 @@ def test_late_order_is_installed_only_inside_the_block():
     assert lowered_backend_module.topo_sort is original
 
 
-def test_running_programs_does_not_import_the_compiler(llama_export):
-    """The loaders use the runtime extension alone: `executorch.exir` (and torchao, ~130 MB resident)
-    stays out of a process that only runs programs. A fresh interpreter, as on a device."""
+def test_running_and_swapping_programs_does_not_import_the_compiler(llama_export, artifact_copy):
+    """The loaders use the runtime extension alone and read `.ptd` indexes with the flatbuffers
+    runtime: `executorch.exir` (and torchao, ~130 MB resident) stays out of a device process that
+    runs, trains and swaps experts. A fresh interpreter, as on a device."""
     import subprocess
     import sys
 
     code = f"""
 import sys, torch
-from edge_runtime.artifacts import ExecuTorchInference, ExecuTorchTrainer
-d = {str(llama_export.directory)!r}
-with ExecuTorchInference(d, "pte-xnnpack") as m:
-    logits = m.logits(torch.zeros(1, 8, dtype=torch.long))
+from edge_runtime.artifacts import ExecuTorchInference, ExecuTorchTrainer, swap_experts
+d = {str(artifact_copy(llama_export))!r}
 with ExecuTorchTrainer(d) as t:
     ids = torch.zeros(t.entry["batch"], t.entry["seq_len"], dtype=torch.long)
-    loss = t.step("experts", ids, ids)
+    t.step("experts", ids, ids)
+    trained = t.trained_state()
+with ExecuTorchInference(d, "pte-xnnpack", experts=trained) as m:
+    patched = m.logits(ids[:1])
+swap_experts(d, trained)
+with ExecuTorchInference(d, "pte-xnnpack") as m:
+    assert torch.equal(m.logits(ids[:1]), patched)
 print(sorted(m for m in sys.modules if m.startswith(("executorch.exir", "torchao"))))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
