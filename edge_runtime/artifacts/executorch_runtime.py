@@ -59,7 +59,7 @@ class InferenceProgram:
 class TrainingStep:
     """What one call of a joint forward/backward method returns, split by the program's metadata."""
 
-    outputs: list[torch.Tensor]  # the user outputs (loss first), cloned
+    loss: float  # the first user output; the others (the logits) are not copied out: 25 MB for SmolLM2
     gradients: dict[str, torch.Tensor]  # by FQN, cloned: the next call reuses the program's buffers
     parameters: dict[str, torch.Tensor]  # by FQN, aliasing the program's own weights (an optimiser
     # that updates them in place changes what the next call computes)
@@ -80,6 +80,6 @@ class TrainingProgram:
         params_at = self._module.run_method(PARAMETERS_INDEX + method, ())[0]
         fqns = list(self._module.run_method(FQNS + method, ()))
         out = self._module.run_method(method, inputs, clone_outputs=False)
-        return TrainingStep(outputs=[t.clone() for t in out[:grads_at]],
+        return TrainingStep(loss=float(out[0]),
                             gradients={n: g.clone() for n, g in zip(fqns, out[grads_at:params_at], strict=True)},
                             parameters=dict(zip(fqns, out[params_at:], strict=True)))

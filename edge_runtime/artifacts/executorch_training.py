@@ -82,7 +82,7 @@ class ExecuTorchTrainer:
         if self._params is None:
             self._params = {name.removeprefix(_PREFIX): t for name, t in out.parameters.items()}
         grads = {name.removeprefix(_PREFIX): g for name, g in out.gradients.items()}
-        return float(out.outputs[0]), grads
+        return out.loss, grads
 
     # -- optimisation -------------------------------------------------------------------------
     def step(self, phase: Phase, input_ids: torch.Tensor, targets: torch.Tensor) -> float:
