@@ -9,10 +9,11 @@
     the eager model, time and peak RSS;
 (c) export time of every artifact.
 
-Each measurement runs in its own process, so peak RSS is per mode; the kernel's peak-RSS
-counter is reset after loading (the peak covers the timed steps: resident weights, activations,
-optimiser state). Timings are medians after warm-up runs; compare ratios from one run only
-(this 2-core machine varies +-30 % run to run).
+Each measurement runs in its own process, so peak RSS is per mode; the kernel's peak-RSS counter is
+reset after loading (the peak covers the timed steps: resident weights, activations, optimiser
+state). Timings are medians after warm-up runs. Every mode runs in `--rounds` fresh processes,
+interleaved, and reports the median over them (eager's prefill moves ~30 % between processes on
+these VMs); compare ratios from one run only (this 2-core machine varies +-30 % run to run).
 
     python benchmarks/bench_export.py                       # export SmolLM2 1G1S first (many minutes)
     python benchmarks/bench_export.py --artifacts DIR       # reuse an export of SmolLM2 1G1S
@@ -190,6 +191,22 @@ def run_gemm_floor(runtime: str, artifacts: Path, threads: int) -> dict[str, Any
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_rounds(artifacts: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every worker mode `args.rounds` times in fresh processes, interleaved, so that drift of this shared
+    machine hits all modes alike and no mode's figure rests on one process: eager PyTorch's prefill
+    differs by up to ~30 % from one process to the next here (0.30 vs 0.40 s, stable within each),
+    while ExecuTorch's and ORT's do not. Per mode: the median of the processes' medians, and the median
+    of their peak RSS."""
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in WORKERS}
+    for _ in range(args.rounds):
+        for mode in WORKERS:
+            repeats = args.train_repeats if mode.startswith("train") else args.repeats
+            runs[mode].append(run_worker(mode, artifacts, args.warmup, repeats, args.threads))
+    return {mode: {"median_s": statistics.median(r["median_s"] for r in rs),
+                   "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+                   "process_medians_s": [r["median_s"] for r in rs]} for mode, rs in runs.items()}
+
+
 def export_smollm2(out: Path) -> float:
     """Export SmolLM2 1G1S to every format with `comigs export`; returns the wall time."""
     start = time.perf_counter()
@@ -208,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per mode (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=10, help="timed prefill runs per mode (default: %(default)s)")
     parser.add_argument("--train-repeats", type=int, default=5, help="timed training steps (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="fresh processes per mode, interleaved (eager, ExecuTorch, ORT, eager, ...); each "
+                             "mode's figure is the median over its processes (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads for every runtime (default: all CPUs, %(default)s)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not update results.json")
@@ -237,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"{artifacts} lacks {sorted(missing)}; export them or drop --artifacts.")
     load_before = os.getloadavg()[0]
-    results = {mode: run_worker(mode, artifacts, args.warmup, args.train_repeats if mode.startswith("train")
-                                else args.repeats, args.threads) for mode in WORKERS}
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    results = run_rounds(artifacts, args)
     eager_s, et_s, ort_s = (results[m]["median_s"] for m in ("infer-eager", "infer-et", "infer-ort"))
     floors = {runtime: run_gemm_floor(runtime, artifacts, args.threads)["seconds"] for runtime in GEMM_RUNTIMES}
     figures: dict[str, Any] = {
@@ -255,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         "export_seconds": {name: manifest.artifact(name)["export_seconds"] for name in manifest.artifact_names},
         "export_wall_seconds": export_wall,
         "artifact_mib": {name: artifact_mib(manifest, name) for name in manifest.artifact_names},
+        "process_medians_s": {mode: r["process_medians_s"] for mode, r in results.items()},
+        "rounds": args.rounds,
         "train_arena_mib": manifest.artifact("pte-train")["memory"]["arena_bytes"] / 2**20,
         "train_backend": manifest.artifact("pte-train")["backend"],
         "targets": TARGETS,
