@@ -101,20 +101,20 @@ def test_adapters_for_another_layout_or_base_are_refused(gpt2_export, artifact_c
 
 def test_failure_midway_leaves_the_old_artifacts_intact(llama_export, artifact_copy, monkeypatch):
     """The fifth .ptd read (the last artifact) fails after three artifacts' new files were written."""
-    from executorch.extension.flat_tensor.serialize import serialize
+    from edge_runtime.artifacts import ptd
 
     directory = artifact_copy(llama_export)
     before = _state(directory)
-    real = serialize._deserialize_to_flat_tensor
+    real = ptd._named_data
     calls = []
 
-    def failing(data):
+    def failing(*args):
         calls.append(1)
         if len(calls) == 5:
             raise OSError("disk went away")
-        return real(data)
+        return real(*args)
 
-    monkeypatch.setattr(serialize, "_deserialize_to_flat_tensor", failing)
+    monkeypatch.setattr(ptd, "_named_data", failing)
     with pytest.raises(OSError, match="disk went away"):
         swap_experts(directory, _tensors(eager_model("llama", experts_seed=8)))
     monkeypatch.undo()
