@@ -55,9 +55,14 @@ def read_index(data: bytes, source: str = "<ptd>") -> dict[str, PtdEntry]:
     if end > len(data) or segment_base > len(data):
         raise ArtifactError(f"{source}: FlatTensor header points outside the file ({len(data)} bytes).")
     try:
-        return _named_data(memoryview(data)[:end], segment_base)
+        index = _named_data(memoryview(data)[:end], segment_base)
     except (IndexError, ValueError, struct.error) as exc:  # UnicodeDecodeError is a ValueError
         raise ArtifactError(f"{source}: corrupt FlatTensor index ({exc}).") from None
+    outside = next((key for key, e in index.items() if e.offset + e.size > len(data)), None)
+    if outside is not None:
+        raise ArtifactError(f"{source}: corrupt FlatTensor index ({outside!r} lies beyond the file's "
+                            f"{len(data)} bytes; the file is truncated).")
+    return index
 
 
 def _named_data(buf: memoryview, segment_base: int) -> dict[str, PtdEntry]:

@@ -47,5 +47,7 @@ def test_corrupt_index_is_a_clear_error(llama_export):
         read_index(data[:header_end + 16], "x.ptd")
     with pytest.raises(ArtifactError, match="corrupt FlatTensor index"):  # root table beyond the index
         read_index((2**31 - 1).to_bytes(4, "little") + data[4:], "x.ptd")
+    with pytest.raises(ArtifactError, match="beyond the file"):  # the last segment cut off
+        read_index(data[:-1], "x.ptd")
     with pytest.raises(ArtifactError, match="corrupt FlatTensor index"):  # index bytes overwritten
         read_index(data[:header_end] + b"\xff" * (len(data) - header_end), "x.ptd")
