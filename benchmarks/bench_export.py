@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.artifacts, args.warmup, args.repeats, args.threads)))
         return 0
 
+    if args.rounds < 1:  # before an export that may take most of an hour
+        parser.error("--rounds must be >= 1")
+
     export_wall = None
     tmp = None
     artifacts = args.artifacts
@@ -257,8 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"{artifacts} lacks {sorted(missing)}; export them or drop --artifacts.")
     load_before = os.getloadavg()[0]
-    if args.rounds < 1:
-        raise SystemExit("--rounds must be >= 1")
     results = run_rounds(artifacts, args)
     eager_s, et_s, ort_s = (results[m]["median_s"] for m in ("infer-eager", "infer-et", "infer-ort"))
     floors = {runtime: run_gemm_floor(runtime, artifacts, args.threads)["seconds"] for runtime in GEMM_RUNTIMES}

@@ -617,7 +617,6 @@ class TensorFile(_PayloadReader):
         return values.astype(np.float32)
 
 
-
 class IndexedPayloadFile(_PayloadReader):
     """Compact lazy reader for an upload already validated against a manifest, for aggregating many.
 
@@ -689,4 +688,3 @@ class IndexedPayloadFile(_PayloadReader):
         scale_shape = self._shapes[i][:-1] if self._per_row[i] else ()
         scales = np.frombuffer(scale_raw, "<f4").reshape(scale_shape)
         return dequantize_int8(array_from_bytes(entry, raw), scales)
-

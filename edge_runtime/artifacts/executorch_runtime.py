@@ -71,14 +71,22 @@ class TrainingProgram:
     def __init__(self, program: str | Path, data: str | Path | None) -> None:
         self._module = runtime()._load_for_executorch(str(program), data_path=str(data) if data is not None else None)
         self.method_names = set(self._module.method_names())
+        self._layouts: dict[str, tuple[int, int, list[str]]] = {}
 
     def run_method(self, name: str, inputs: tuple[Any, ...] = ()) -> list[Any]:
         return list(self._module.run_method(name, inputs))
 
+    def _layout(self, method: str) -> tuple[int, int, list[str]]:
+        """Where `method`'s gradients and parameters start in its outputs, and their FQNs (constants
+        of the program, read once)."""
+        if method not in self._layouts:
+            self._layouts[method] = (self.run_method(GRADIENTS_INDEX + method)[0],
+                                     self.run_method(PARAMETERS_INDEX + method)[0],
+                                     self.run_method(FQNS + method))
+        return self._layouts[method]
+
     def forward_backward(self, method: str, inputs: tuple[Any, ...]) -> TrainingStep:
-        grads_at = self._module.run_method(GRADIENTS_INDEX + method, ())[0]
-        params_at = self._module.run_method(PARAMETERS_INDEX + method, ())[0]
-        fqns = list(self._module.run_method(FQNS + method, ()))
+        grads_at, params_at, fqns = self._layout(method)
         out = self._module.run_method(method, inputs, clone_outputs=False)
         return TrainingStep(loss=float(out[0]),
                             gradients={n: g.clone() for n, g in zip(fqns, out[grads_at:params_at], strict=True)},

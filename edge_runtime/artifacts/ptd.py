@@ -34,8 +34,10 @@ class PtdEntry:
     sizes: tuple[int, ...] | None  # tensor shape when the entry carries a layout (non-delegated constants)
 
 
-_HEADER_MAGIC = b"FH01"  # the FlatTensor extended header, right after the flatbuffer's 8-byte prefix
-_HEADER_BYTES = 40  # magic, length (u32); flatbuffer offset, size; segment base offset, data size (u64)
+# The FlatTensor extended header, right after the flatbuffer's root offset and file identifier:
+# magic, length (u32); flatbuffer offset, flatbuffer size, segment base offset, segment data size (u64).
+_HEADER = struct.Struct("<4sIQQQQ")
+_HEADER_MAGIC = b"FH01"
 _FILE_IDENTIFIER = b"FT01"
 
 
@@ -46,11 +48,9 @@ def read_index(data: bytes, source: str = "<ptd>") -> dict[str, PtdEntry]:
     (executorch/extension/flat_tensor/serialize/flat_tensor.fbs) rather than executorch's serializer,
     which imports `executorch.exir` (~130 MB resident) into a device process that only swaps weights.
     """
-    header = data[8:8 + _HEADER_BYTES]
-    if len(header) < _HEADER_BYTES or header[:4] != _HEADER_MAGIC or data[4:8] != _FILE_IDENTIFIER:
+    if len(data) < 8 + _HEADER.size or data[4:8] != _FILE_IDENTIFIER or data[8:12] != _HEADER_MAGIC:
         raise ArtifactError(f"{source} is not an ExecuTorch .ptd file (bad FlatTensor header).")
-    fields = [int.from_bytes(header[i:i + 8], "little") for i in range(8, _HEADER_BYTES, 8)]
-    flatbuffer_offset, flatbuffer_size, segment_base = fields[0], fields[1], fields[2]
+    _, _, flatbuffer_offset, flatbuffer_size, segment_base, _ = _HEADER.unpack_from(data, 8)
     end = flatbuffer_offset + flatbuffer_size  # the flatbuffer proper, with its prefix and this header
     if end > len(data) or segment_base > len(data):
         raise ArtifactError(f"{source}: FlatTensor header points outside the file ({len(data)} bytes).")
@@ -86,7 +86,7 @@ def _named_data(buf: memoryview, segment_base: int) -> dict[str, PtdEntry]:
         start = t.Vector(o)
         return [table(t.Indirect(start + 4 * i)) for i in range(t.VectorLen(o))]
 
-    root = table(int(N.UOffsetTFlags.py_type(int.from_bytes(buf[:4], "little"))))
+    root = table(int.from_bytes(buf[:4], "little"))
     segments = [(scalar(s, 0, N.Uint64Flags), scalar(s, 1, N.Uint64Flags)) for s in tables(root, 1)]
     index: dict[str, PtdEntry] = {}
     for named in tables(root, 2):
