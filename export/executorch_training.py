@@ -36,6 +36,7 @@ from export.errors import ExportError
 from export.executorch_common import emit, lower
 from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM, sink_inputless_nodes, transpose_weights_once
 from export.prepare import requires_grad_only
+from export.rematerialize import rematerialize_cheap_activations
 from export.training_loss import TrainingLossModule
 
 Backend = Literal["portable", "xnnpack"]
@@ -77,6 +78,7 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
         table.update(MATMULS_TO_BMM)
     ep = ep.run_decompositions(table)
     transpose_weights_once(ep)
+    rematerialize_cheap_activations(ep)
     edge = lower(ep, backend, export_id, set(placeholders),
                  partitioner=_xnnpack_partitioner() if backend == "xnnpack" else None)
     sink_inputless_nodes(edge.exported_program())  # partitioning topo-sorts them to the front
