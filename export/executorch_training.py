@@ -78,7 +78,7 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
         table.update(MATMULS_TO_BMM)
     ep = ep.run_decompositions(table)
     transpose_weights_once(ep)
-    rematerialize_cheap_activations(ep)
+    rematerialize_cheap_activations(ep, min_numel=batch * seq_len * model.get_input_embeddings().embedding_dim)
     edge = lower(ep, backend, export_id, set(placeholders),
                  partitioner=_xnnpack_partitioner() if backend == "xnnpack" else None)
     sink_inputless_nodes(edge.exported_program())  # partitioning topo-sorts them to the front

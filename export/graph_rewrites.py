@@ -241,7 +241,12 @@ def _mm_as_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _addmm_as_bmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1,
                   alpha: float = 1) -> torch.Tensor:
-    return bias * beta + alpha * _mm_as_bmm(a, b)
+    """`beta * bias + alpha * a @ b`, scaling only when a factor is not 1: each scaling would be a
+    full pass over the output in the program (every expert's LoRA `addmm` has beta = alpha = 1)."""
+    product = _mm_as_bmm(a, b)
+    if alpha != 1:
+        product = product * alpha
+    return (bias if beta == 1 else bias * beta) + product
 
 
 def _empty_permuted(size: list[int], physical_layout: list[int], *, dtype: Any = None, layout: Any = None,

@@ -14,7 +14,9 @@ probabilities' expand copy and the normalised input of the expert MLP (`w * x_ha
 computed right before the backward first needs it, so the forward's buffer dies with its last
 forward use. A value is recomputed only when
 
-- it is at least `min_bytes` (small values are not worth an extra op);
+- it has at least `min_numel` elements (the exporter passes the size of the residual stream,
+  batch x seq_len x d_model: smaller values, such as the experts' rank-r codes or the router's
+  scores, are not worth an extra op);
 - it is produced by a cheap op (pointwise arithmetic, view-like copies, see `CHEAP`), through a
   chain of at most `max_chain` cheap ops, from values the backward reads anyway (or program
   inputs: weights, parameters). So recomputing extends no other value's life into the backward
@@ -42,7 +44,7 @@ CHEAP = frozenset({
 })
 
 
-def rematerialize_cheap_activations(ep: Any, min_bytes: int = 64 * 1024, max_chain: int = 4) -> int:
+def rematerialize_cheap_activations(ep: Any, min_numel: int, max_chain: int = 4) -> int:
     """Give the backward its own recomputed copy of cheap saved activations (see the module
     docstring); returns how many saved values the forward no longer keeps."""
     graph = ep.graph_module.graph
@@ -53,7 +55,7 @@ def rematerialize_cheap_activations(ep: Any, min_bytes: int = 64 * 1024, max_cha
     kept = set(saved)  # shrinks as values are recomputed instead
     recomputed: set[fx.Node] = set()
     for node in saved:  # graph order: a node's saved inputs are decided before it
-        if _nbytes(node) >= min_bytes and _recomputable(node, kept, recomputed, max_chain):
+        if _numel(node) >= min_numel and _recomputable(node, kept, recomputed, max_chain):
             kept.discard(node)
             recomputed.add(node)
     if not recomputed:
@@ -86,9 +88,9 @@ def _forward_nodes(ep: Any) -> set[fx.Node]:
     return seen
 
 
-def _nbytes(node: fx.Node) -> int:
+def _numel(node: fx.Node) -> int:
     value = node.meta.get("val")
-    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+    return value.numel() if isinstance(value, torch.Tensor) else 0
 
 
 def _recomputable(node: fx.Node, kept: set[fx.Node], recomputed: set[fx.Node], budget: int) -> bool:
