@@ -88,6 +88,22 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # `python -m tests.export.export_helpers ARCH DIR`: the session fixtures run the two exports in parallel
+def run_joint(ep: Any, *user_inputs: torch.Tensor) -> Any:
+    """Call a joint forward/backward graph directly (ExportedProgram.module() cannot unflatten its
+    outputs): lifted weights first, in signature order, then the user inputs."""
+    from torch.export.graph_signature import InputKind
+
+    inputs, user = [], iter(user_inputs)
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            inputs.append(next(user))
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            inputs.append(ep.constants[spec.target])
+        else:
+            inputs.append(ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target])
+    return ep.graph_module(*inputs)
+
+
 if __name__ == "__main__":
     import sys
     import warnings

@@ -10,7 +10,7 @@ from edge_runtime.artifacts import ExecuTorchTrainer, MemoryBudgetError, Optimiz
 from edge_runtime.artifacts.errors import ArtifactInputError
 from edge_runtime.model.inject import language_model_loss
 
-from tests.export.export_helpers import TRAIN_LOSS_CHUNK, TRAIN_SHAPE, max_diff, token_ids
+from tests.export.export_helpers import TRAIN_LOSS_CHUNK, TRAIN_SHAPE, max_diff, run_joint, token_ids
 
 
 def _trainable(exported) -> set[str]:
@@ -130,7 +130,7 @@ def test_backward_reads_weights_instead_of_transposing_them_back(loss):
     with requires_grad_only(model, set(trainable_names(model, False))):
         ep = torch.export.export(module.eval(), (ids, targets), strict=False)
         ep = _export_forward_backward(ep).run_decompositions(dict(CORE_ATEN_FIXES))
-    before = _run_joint(ep, ids, targets)
+    before = run_joint(ep, ids, targets)
     weights = {n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in ep.graph_signature.user_inputs}
 
     def of_weight(node) -> bool:
@@ -143,23 +143,7 @@ def test_backward_reads_weights_instead_of_transposing_them_back(loss):
 
     assert removed > 0
     assert not [n for n in ep.graph.nodes if of_weight(_transpose_source(_transpose_source(n)))]
-    after = _run_joint(ep, ids, targets)
+    after = run_joint(ep, ids, targets)
     assert len(after) == len(before)
     for a, b in zip(after, before, strict=True):
         assert torch.equal(a, b)
-
-
-def _run_joint(ep, *user_inputs):
-    """Call a joint forward/backward graph directly (ExportedProgram.module() cannot unflatten its
-    outputs): lifted weights first, in signature order, then the user inputs."""
-    from torch.export.graph_signature import InputKind
-
-    inputs, user = [], iter(user_inputs)
-    for spec in ep.graph_signature.input_specs:
-        if spec.kind == InputKind.USER_INPUT:
-            inputs.append(next(user))
-        elif spec.kind == InputKind.CONSTANT_TENSOR:
-            inputs.append(ep.constants[spec.target])
-        else:
-            inputs.append(ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target])
-    return ep.graph_module(*inputs)

@@ -12,6 +12,8 @@ from export.delegate_order import late_delegate_order, late_topo_sort
 from export.graph_rewrites import sink_inputless_nodes
 from export.training_loss import LOSS_CHUNK, vocab_chunked_cross_entropy
 
+from tests.export.export_helpers import run_joint
+
 
 @pytest.mark.parametrize(("vocab", "chunk", "bias"),
                          [(96, 40, False), (96, 96, False), (97, 8, True), (5, 4096, False)])
@@ -125,3 +127,97 @@ print(sorted(m for m in sys.modules if m.startswith(("executorch.exir", "torchao
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _joint_graph(arch: str = "llama"):
+    """The tiny model's joint forward/backward graph as export_training builds it, before lowering."""
+    from torch.export.experimental import _export_forward_backward
+
+    from export.executorch_training import trainable_names
+    from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM, transpose_weights_once
+    from export.prepare import prepare_for_export, requires_grad_only
+    from export.training_loss import TrainingLossModule
+
+    from tests.export.export_helpers import TRAIN_LOSS_CHUNK, TRAIN_SHAPE, eager_model, token_ids
+
+    model = eager_model(arch)
+    prepare_for_export(model)
+    ids, targets = token_ids(TRAIN_SHAPE, seed=3), token_ids(TRAIN_SHAPE, seed=4)
+    with requires_grad_only(model, set(trainable_names(model, False))):
+        ep = torch.export.export(TrainingLossModule(model, TRAIN_LOSS_CHUNK).eval(), (ids, targets), strict=False)
+        ep = _export_forward_backward(ep).run_decompositions({**CORE_ATEN_FIXES, **MATMULS_TO_BMM})
+    transpose_weights_once(ep)
+    residual = TRAIN_SHAPE[0] * TRAIN_SHAPE[1] * model.get_input_embeddings().embedding_dim
+    return ep, (ids, targets), residual
+
+
+def _saved(ep) -> list[fx.Node]:
+    from export.rematerialize import _forward_nodes
+
+    forward = _forward_nodes(ep)
+    return [n for n in ep.graph.nodes if n in forward and n.op == "call_function"
+            and any(u not in forward for u in n.users)]
+
+
+def _silu_outputs(nodes) -> list[fx.Node]:
+    """`x * sigmoid(x)`: SiLU as the decomposed graph computes it."""
+    aten = torch.ops.aten
+    return [n for n in nodes if n.target == aten.mul.Tensor and len(n.args) == 2
+            and any(isinstance(a, fx.Node) and a.target == aten.sigmoid.default and a.args[0] in n.args
+                    for a in n.args)]
+
+
+def test_backward_recomputes_expert_activations_instead_of_keeping_them():
+    """The SiLU outputs and expert hidden states (act(g) * u) no longer live from the forward to
+    the backward; the backward recomputes them from the pre-activations it keeps anyway, and the
+    joint graph computes bit-identical loss, logits and gradients."""
+    from export.rematerialize import rematerialize_cheap_activations
+
+    ep, inputs, residual = _joint_graph()
+    before = run_joint(ep, *inputs)
+    saved_before = _saved(ep)
+    assert _silu_outputs(saved_before), "the tiny model's joint graph should keep SiLU outputs for the backward"
+
+    recomputed = rematerialize_cheap_activations(ep, min_numel=residual)
+
+    saved_after = _saved(ep)
+    assert recomputed > 0
+    assert not _silu_outputs(saved_after)
+    assert len(saved_after) == len(saved_before) - recomputed
+    assert _silu_outputs([n for n in ep.graph.nodes if n not in set(saved_after)])  # now computed in the backward
+    after = run_joint(ep, *inputs)
+    assert len(after) == len(before)
+    for a, b in zip(after, before, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_only_values_at_least_the_residual_stream_are_recomputed():
+    from export.rematerialize import _numel, rematerialize_cheap_activations
+
+    ep, _, residual = _joint_graph()
+    small = {n.name for n in _saved(ep) if _numel(n) < residual}
+    assert rematerialize_cheap_activations(ep, min_numel=10**9) == 0
+    rematerialize_cheap_activations(ep, min_numel=residual)
+    assert small <= {n.name for n in _saved(ep)}
+
+
+@pytest.mark.slow
+def test_recomputing_shrinks_the_training_programs_arena(tmp_path, monkeypatch):
+    """End to end: the training program's planned activation arena is smaller with the backward's
+    recomputation than without it (portable backend: the same memory plan, a faster export)."""
+    import export.executorch_training as training
+    from export.pipeline import ExportOptions, export_artifacts
+
+    from tests.export.export_helpers import TRAIN_LOSS_CHUNK, TRAIN_SHAPE, eager_model
+
+    options = ExportOptions(formats=("pte-train",), train_batch=TRAIN_SHAPE[0], train_seq_len=TRAIN_SHAPE[1],
+                            train_loss_chunk=TRAIN_LOSS_CHUNK, train_backend="portable", verify=False)
+
+    def arena(out: str) -> int:
+        manifest = export_artifacts(eager_model("llama"), tmp_path / out, options)
+        return manifest.artifact("pte-train")["memory"]["arena_bytes"]
+
+    with_recompute = arena("on")
+    monkeypatch.setattr(training, "rematerialize_cheap_activations", lambda ep, min_numel: 0)
+    without = arena("off")
+    assert with_recompute < without
