@@ -34,7 +34,13 @@ from edge_runtime.artifacts.layout import data_file, program_file
 from edge_runtime.artifacts.manifest import KIND_ET_TRAINING
 from export.errors import ExportError
 from export.executorch_common import emit, lower
-from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM, sink_inputless_nodes, transpose_weights_once
+from export.graph_rewrites import (
+    CORE_ATEN_FIXES,
+    MATMULS_TO_BMM,
+    drop_aliases,
+    sink_inputless_nodes,
+    transpose_weights_once,
+)
 from export.prepare import requires_grad_only
 from export.rematerialize import rematerialize_cheap_activations
 from export.training_loss import TrainingLossModule
@@ -77,6 +83,7 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
     if backend == "xnnpack":
         table.update(MATMULS_TO_BMM)
     ep = ep.run_decompositions(table)
+    drop_aliases(ep)
     transpose_weights_once(ep)
     rematerialize_cheap_activations(ep, min_numel=batch * seq_len * model.get_input_embeddings().embedding_dim)
     edge = lower(ep, backend, export_id, set(placeholders),

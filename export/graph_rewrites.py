@@ -205,6 +205,40 @@ def transpose_weights_once(ep: Any) -> int:
     return removed
 
 
+def drop_aliases(ep: Any) -> int:
+    """Read the aliased value itself wherever a joint graph reads an `alias` of it. Returns how many
+    aliases were dropped.
+
+    Autograd detaches the tensors it saves for the backward (and the training loss detaches its
+    logits output), which export records as `alias` nodes, chained up to twice. A functional
+    graph gains nothing from them, but ExecuTorch runs each as `alias_copy`: a real copy in the
+    activation arena, kept alive as long as the backward needs it (per block, the attention
+    probabilities twice and a few residual-sized values), and a 25 MB copy of SmolLM2's logits on
+    every step. An alias of a program input stays (a copy is then what an output needs).
+    """
+    graph = ep.graph_module.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.alias.default:
+            continue
+        source = node.args[0]
+        while source.op == "call_function" and source.target == aten.alias.default:
+            source = source.args[0]
+        if output in node.users and (source.op == "placeholder" or source in output.all_input_nodes):
+            continue  # an output must then be a value of its own
+        if output in node.users:
+            for spec in ep.graph_signature.output_specs:
+                if getattr(spec.arg, "name", None) == node.name:
+                    spec.arg.name = source.name
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
+        dropped += 1
+    graph.lint()
+    ep.graph_module.recompile()
+    return dropped
+
+
 def sink_inputless_nodes(ep: Any) -> int:
     """Move every node that reads no tensor (`full`, `zeros`, `arange`, ...) to just before its
     first user. Returns how many moved.

@@ -13,13 +13,17 @@ the arena.
 So the program computes the same cross-entropy over vocabulary *chunks* (`LOSS_CHUNK` rows of
 the head weight at a time, `--train-loss-chunk`):
 
-    logits_c = x W_c^T     lse = logsumexp_c(logsumexp(logits_c))     ce = mean(lse - logit[target])
+    logits_c = x W_c^T     lse = logsumexp_c(logsumexp(logits_c))     ce = mean(lse - x . W[target])
 
-Autograd of that form needs per chunk only `exp(logits_c - lse_c)` and the chunk's target
-positions, and multiplies the chunk's gradient by the chunk's weight rows
+Autograd of that form needs per chunk only `exp(logits_c - lse_c)`, and multiplies the chunk's
+gradient by the chunk's weight rows
 (`graph_rewrites.transpose_weights_once` lets the backward slice the weight again rather than
 keep the forward's transposed slice). Every matmul then sees a 4,096-row slice: XNNPACK packs
-9 MiB per call instead of 108, and no vocabulary-sized gradient exists. The value equals
+9 MiB per call instead of 108, and no vocabulary-sized gradient exists. The target's logit is
+the dot product of the hidden state with the target's row of the head, not a gather from the
+logit chunks: a gather's backward is a zero-filled chunk-sized buffer per chunk with one
+element per row scattered in, which the program computed for all 12 chunks before the first
+chunk's matmul (24 MiB at the arena's peak for SmolLM2, and 12 memsets + scatters a step). The value equals
 `F.cross_entropy` up to float summation order (the export's parity check holds it to 1e-5).
 """
 
@@ -38,19 +42,20 @@ def vocab_chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: 
     """(mean cross-entropy, logits) of `head(hidden)` against `targets`, `chunk` vocabulary rows
     at a time. Every target must be a valid token id (the trainer checks them)."""
     x = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = targets.reshape(-1, 1)
+    flat_targets = targets.reshape(-1)
     vocab = head.weight.shape[0]
+    picked = (x * head.weight[flat_targets]).sum(-1)  # each row's target logit, without a vocabulary-wide gather
+    if head.bias is not None:
+        picked = picked + head.bias[flat_targets]
+    if picked.dtype != torch.float32:  # like the upcast chunks below
+        picked = picked.float()
     logits, lses = [], []
-    picked = x.new_zeros(x.shape[0], dtype=torch.float32)  # like the upcast chunks below
     for start in range(0, vocab, chunk):
         stop = min(start + chunk, vocab)
         bias = None if head.bias is None else head.bias[start:stop]
         part = nn.functional.linear(x, head.weight[start:stop], bias)
         if part.dtype != torch.float32:  # a no-op `.float()` would still be a copy in the program
             part = part.float()
-        inside = (flat_targets >= start) & (flat_targets < stop)
-        local = (flat_targets - start).clamp(0, stop - start - 1)
-        picked = picked + torch.where(inside, part.gather(1, local), 0.0).squeeze(1)
         lses.append(torch.logsumexp(part, dim=-1))
         logits.append(part)
     lse = torch.logsumexp(torch.stack(lses, dim=-1), dim=-1)
