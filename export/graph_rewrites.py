@@ -205,12 +205,15 @@ def transpose_weights_once(ep: Any) -> int:
     return removed
 
 
+_ALIASES = (aten.alias.default, aten.detach.default)
+
+
 def drop_aliases(ep: Any) -> int:
     """Read the aliased value itself wherever a joint graph reads an `alias` of it. Returns how many
     aliases were dropped.
 
     Autograd detaches the tensors it saves for the backward (and the training loss detaches its
-    logits output), which export records as `alias` nodes, chained up to twice. A functional
+    logits output), which export records as `alias` (or `detach`) nodes, chained up to twice. A functional
     graph gains nothing from them, but ExecuTorch runs each as `alias_copy`: a real copy in the
     activation arena, kept alive as long as the backward needs it (per block, the attention
     probabilities twice and a few residual-sized values), and a 25 MB copy of SmolLM2's logits on
@@ -220,10 +223,10 @@ def drop_aliases(ep: Any) -> int:
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     dropped = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != aten.alias.default:
+        if node.op != "call_function" or node.target not in _ALIASES:
             continue
         source = node.args[0]
-        while source.op == "call_function" and source.target == aten.alias.default:
+        while source.op == "call_function" and source.target in _ALIASES:
             source = source.args[0]
         if output in node.users and (source.op == "placeholder" or source in output.all_input_nodes):
             continue  # an output must then be a value of its own

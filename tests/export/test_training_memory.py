@@ -129,12 +129,13 @@ print(sorted(m for m in sys.modules if m.startswith(("executorch.exir", "torchao
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def _joint_graph(arch: str = "llama"):
-    """The tiny model's joint forward/backward graph as export_training builds it, before lowering."""
+def _joint_graph(arch: str = "llama", rewrite: bool = True):
+    """The tiny model's joint forward/backward graph as export_training builds it, before lowering
+    (`rewrite`: with its rewrites up to the rematerialisation)."""
     from torch.export.experimental import _export_forward_backward
 
     from export.executorch_training import trainable_names
-    from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM, transpose_weights_once
+    from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM, drop_aliases, transpose_weights_once
     from export.prepare import prepare_for_export, requires_grad_only
     from export.training_loss import TrainingLossModule
 
@@ -146,9 +147,44 @@ def _joint_graph(arch: str = "llama"):
     with requires_grad_only(model, set(trainable_names(model, False))):
         ep = torch.export.export(TrainingLossModule(model, TRAIN_LOSS_CHUNK).eval(), (ids, targets), strict=False)
         ep = _export_forward_backward(ep).run_decompositions({**CORE_ATEN_FIXES, **MATMULS_TO_BMM})
-    transpose_weights_once(ep)
+    if rewrite:
+        drop_aliases(ep)
+        transpose_weights_once(ep)
     residual = TRAIN_SHAPE[0] * TRAIN_SHAPE[1] * model.get_input_embeddings().embedding_dim
     return ep, (ids, targets), residual
+
+
+def test_aliases_are_dropped_from_the_joint_graph():
+    """Autograd's detached saved tensors and the detached logits output are `alias` nodes, each an
+    arena copy in an ExecuTorch program; without them the graph computes the same outputs."""
+    from export.graph_rewrites import drop_aliases
+
+    ep, inputs, _ = _joint_graph(rewrite=False)
+    before = run_joint(ep, *inputs)
+    aliases = [n for n in ep.graph.nodes if n.target == torch.ops.aten.alias.default]
+    assert aliases
+
+    assert drop_aliases(ep) == len(aliases)
+
+    assert not [n for n in ep.graph.nodes if n.target == torch.ops.aten.alias.default]
+    output = next(n for n in ep.graph.nodes if n.op == "output")
+    assert [spec.arg.name for spec in ep.graph_signature.output_specs] == [a.name for a in output.args[0]]
+    after = run_joint(ep, *inputs)
+    for a, b in zip(after, before, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_output_that_aliases_an_input_keeps_its_copy():
+    from export.graph_rewrites import drop_aliases
+
+    class Echo(nn.Module):
+        def forward(self, x):
+            return x.detach(), torch.sin(x).detach()
+
+    ep = torch.export.export(Echo(), (torch.randn(3),)).run_decompositions({})
+    assert drop_aliases(ep) == 1
+    output = next(n for n in ep.graph.nodes if n.op == "output")
+    assert [a.target for a in output.args[0]] == [torch.ops.aten.detach.default, torch.ops.aten.sin.default]
 
 
 def _saved(ep) -> list[fx.Node]:
