@@ -10,10 +10,15 @@ at 1 x 128 and, in a fresh process, loads the program with `ExecuTorchTrainer` a
 - the activation arena the exporter planned (manifest `memory.arena_bytes`);
 - RSS after importing the runtime, after loading the program, and the peak over the steps, split
   into anonymous memory (arena, XNNPACK's packed weights and workspace, Python) and file pages
-  (the memory-mapped program).
+  (the memory-mapped program);
+- with `--peak`, what the memory plan holds at its peak: the sum of the buffers alive there (the
+  arena minus the planner's fragmentation), where in the program it is, and those buffers by size
+  (a block's expert hidden states are 768 KiB, residual-sized values 288 KiB, the LM head's logit
+  chunks 2048 KiB). This is how session 10 found what to recompute (`export/rematerialize.py`).
 
     python benchmarks/probe_train_memory.py --layers 1,4,8
     python benchmarks/probe_train_memory.py --layers 4 --backend portable
+    python benchmarks/probe_train_memory.py --layers 2,4 --peak
 
 Linear fits over the layer counts give the per-block and fixed costs; extrapolate to 30 blocks with
 care (it does not replace `bench_export.py` on the real model).
@@ -22,12 +27,17 @@ care (it does not replace `bench_export.py` on the real model).
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import itertools
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 128
@@ -41,6 +51,47 @@ def status_mib() -> dict[str, int]:
         if key in wanted:
             fields[key] = int(line.split()[1]) // 1024
     return fields
+
+
+@contextlib.contextmanager
+def emitted_programs() -> Iterator[list[Any]]:
+    """Collect every ExecuTorch program manager the export emits (their memory plans)."""
+    from executorch.exir.program._program import EdgeProgramManager
+
+    original = EdgeProgramManager.to_executorch
+    programs: list[Any] = []
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> Any:
+        programs.append(original(self, *args, **kwargs))
+        return programs[-1]
+
+    EdgeProgramManager.to_executorch = capture
+    try:
+        yield programs
+    finally:
+        EdgeProgramManager.to_executorch = original
+
+
+def plan_peak(program: Any) -> dict:
+    """The arena buffers alive at the memory plan's peak (mem_id 1: the planned activation arena); the
+    listing by size leaves out buffers under 1 KiB (counted in the sum)."""
+    specs: dict[int, Any] = {}
+    for node in program.exported_program().graph_module.graph.nodes:
+        spec = node.meta.get("spec")
+        for s in spec if isinstance(spec, (list, tuple)) else [spec]:
+            if getattr(s, "mem_id", None) == 1 and s.lifetime[0] is not None and s.allocated_memory:
+                specs[id(s)] = s
+    steps = max(s.lifetime[1] for s in specs.values()) + 2
+    delta = [0] * steps
+    for s in specs.values():
+        delta[s.lifetime[0]] += s.allocated_memory
+        delta[s.lifetime[1] + 1] -= s.allocated_memory
+    live = list(itertools.accumulate(delta))
+    at = max(range(steps), key=live.__getitem__)
+    sizes = collections.Counter(s.allocated_memory for s in specs.values()
+                                if s.lifetime[0] <= at <= s.lifetime[1] and s.allocated_memory >= 1024)
+    return {"live_mib": round(live[at] / 2**20, 1), "step": at, "steps": steps - 1,
+            "by_size_kib": [[size // 1024, count] for size, count in sizes.most_common(8)]}
 
 
 def export(layers: int, backend: str, out: Path) -> dict:
@@ -57,12 +108,14 @@ def export(layers: int, backend: str, out: Path) -> dict:
                          tie_word_embeddings=True)
     model = inject_comigs(LlamaForCausalLM(config), CoMiGSConfig(n_generalists=1, n_specialists=1, rank=8))
     started = time.perf_counter()
-    manifest = export_artifacts(model, out, ExportOptions(formats=("pte-train",), train_backend=backend,
-                                                          train_seq_len=SEQ, verify=False))
+    with emitted_programs() as programs:
+        manifest = export_artifacts(model, out, ExportOptions(formats=("pte-train",), train_backend=backend,
+                                                              train_seq_len=SEQ, verify=False))
     memory = manifest.artifact("pte-train")["memory"]
     return {"arena_mib": round(memory["arena_bytes"] / 2**20, 1),
             "program_mib": round(memory["program_bytes"] / 2**20, 1),
-            "export_s": round(time.perf_counter() - started, 1)}
+            "export_s": round(time.perf_counter() - started, 1),
+            "peak": plan_peak(programs[-1])}
 
 
 def run(directory: Path) -> dict:
@@ -86,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", default="1,4,8", help="comma-separated block counts (default: %(default)s)")
     parser.add_argument("--backend", choices=("xnnpack", "portable"), default="xnnpack")
+    parser.add_argument("--peak", action="store_true", help="also list the arena buffers alive at the plan's peak")
     parser.add_argument("--worker", choices=("export", "run"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -116,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{layers:>6} {exported['arena_mib']:>9.1f} {exported['program_mib']:>11.1f} "
                   f"{loaded['RssAnon']:>7}/{loaded['RssFile']:<7} {stepped['VmHWM']:>8} {extra:>17.0f} "
                   f"{exported['export_s']:>8.0f}", flush=True)
+            if args.peak:
+                peak = exported["peak"]
+                sizes = ", ".join(f"{kib} KiB x {count}" for kib, count in peak["by_size_kib"])
+                print(f"{'':>6} plan peak: {peak['live_mib']} MiB alive at step {peak['step']} of {peak['steps']}; "
+                      f"by size: {sizes}", flush=True)
     return 0
 
 

@@ -3,7 +3,8 @@
 In the joint forward/backward graph of the training program, every forward value the backward
 reads is kept in the activation arena from where the forward computes it to where the backward
 last reads it: the arena's peak, at the turn from forward to backward, is the sum of all of them.
-For SmolLM2 1G1S that is ~10.8 MiB per block, and most of it is the experts' MLP hidden state:
+For SmolLM2 1G1S the arena was 374 MiB (~10.8 MiB per block on average), and the largest part
+of what each block keeps is the experts' MLP hidden state:
 per expert, the gate and up pre-activations `g`, `u` (which SiLU's and the product's backward
 need), and also `silu(g) = g * sigmoid(g)` and `h = silu(g) * u`, which autograd keeps because
 the product's and the down projection's backward read them. The last two are one sigmoid and two
