@@ -44,23 +44,26 @@ def vocab_chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: 
     x = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     vocab = head.weight.shape[0]
-    picked = (x * head.weight[flat_targets]).sum(-1)  # each row's target logit, without a vocabulary-wide gather
+    # Each row's target logit, without a vocabulary-wide gather; in float32 like the chunks below.
+    picked = (_float32(x) * _float32(head.weight[flat_targets])).sum(-1)
     if head.bias is not None:
-        picked = picked + head.bias[flat_targets]
-    if picked.dtype != torch.float32:  # like the upcast chunks below
-        picked = picked.float()
+        picked = picked + _float32(head.bias[flat_targets])
     logits, lses = [], []
     for start in range(0, vocab, chunk):
         stop = min(start + chunk, vocab)
         bias = None if head.bias is None else head.bias[start:stop]
         part = nn.functional.linear(x, head.weight[start:stop], bias)
-        if part.dtype != torch.float32:  # a no-op `.float()` would still be a copy in the program
-            part = part.float()
+        part = _float32(part)
         lses.append(torch.logsumexp(part, dim=-1))
         logits.append(part)
     lse = torch.logsumexp(torch.stack(lses, dim=-1), dim=-1)
     ce = (lse - picked).mean()
     return ce, torch.cat(logits, dim=-1).reshape(*hidden.shape[:-1], vocab)
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32, untouched when it already is: a no-op `.float()` would still be a copy in the program."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 class TrainingLossModule(nn.Module):
