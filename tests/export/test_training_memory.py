@@ -36,6 +36,19 @@ def test_chunked_cross_entropy_equals_cross_entropy(vocab, chunk, bias):
     torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-7)
 
 
+def test_chunked_cross_entropy_of_a_bfloat16_head_is_computed_in_float32():
+    g = torch.Generator().manual_seed(5)
+    head = nn.Linear(12, 97, bias=True).to(torch.bfloat16)
+    hidden = torch.randn(2, 7, 12, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, 97, (2, 7), generator=g)
+
+    ce, logits = vocab_chunked_cross_entropy(hidden, head, targets, 8)
+
+    reference = F.cross_entropy(head(hidden).float().reshape(-1, 97), targets.reshape(-1))
+    assert ce.dtype == logits.dtype == torch.float32
+    torch.testing.assert_close(ce, reference, rtol=0, atol=2e-3)  # bf16 logits round at ~3 digits
+
+
 def test_cli_default_chunk_is_the_exporters():
     from export.cli import DEFAULT_LOSS_CHUNK
 
