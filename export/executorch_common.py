@@ -35,9 +35,11 @@ def identity_methods(export_id: int) -> dict[str, Any]:
     return {ET_FORMAT_VERSION_METHOD: FORMAT_VERSION, ET_EXPORT_ID_METHOD: export_id}
 
 
-def lower(ep: Any, backend: str, export_id: int, pluggable: set[str], partitioner: Any = None) -> Any:
+def lower(ep: Any, backend: str, export_id: int, pluggable: set[str], partitioner: Any = None,
+          edge_passes: list[Any] | None = None) -> Any:
     """An exported program -> an ExecuTorch edge program: delegated to XNNPACK (with the pluggable
-    tensors tagged to stay in the data file) or left on portable kernels."""
+    tensors tagged to stay in the data file, `edge_passes` run on the edge graph before
+    partitioning) or left on portable kernels."""
     from executorch.exir import to_edge, to_edge_transform_and_lower
 
     if backend == "xnnpack":
@@ -46,7 +48,8 @@ def lower(ep: Any, backend: str, export_id: int, pluggable: set[str], partitione
 
             partitioner = XnnpackPartitioner()
         tag_delegate_constants(ep, pluggable)
-        return to_edge_transform_and_lower(ep, partitioner=[partitioner], constant_methods=identity_methods(export_id))
+        return to_edge_transform_and_lower(ep, transform_passes=edge_passes, partitioner=[partitioner],
+                                           constant_methods=identity_methods(export_id))
     if backend == "portable":
         return to_edge(ep, constant_methods=identity_methods(export_id))
     raise ExportError(f"unknown ExecuTorch backend {backend!r}; use 'portable' or 'xnnpack'.")

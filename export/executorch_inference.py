@@ -26,7 +26,12 @@ from edge_runtime.artifacts.layout import data_file, program_file
 from edge_runtime.artifacts.manifest import KIND_ET_INFERENCE
 from export.errors import ExportError
 from export.executorch_common import emit, lower
-from export.graph_rewrites import dynamic_matmuls_to_bmm, split_expert_selects, transposed_weights_to_linear
+from export.graph_rewrites import (
+    drop_noop_expands,
+    dynamic_matmuls_to_bmm,
+    split_expert_selects,
+    transposed_weights_to_linear,
+)
 from export.prepare import PROGRAM_PREFIX, InferenceModule, canonical_name
 
 Backend = Literal["portable", "xnnpack"]
@@ -60,7 +65,8 @@ def export_inference(model: nn.Module, *, fmt: str, backend: Backend, batch: int
             rewrites = {"expert_slices": len(split), "linear": transposed_weights_to_linear(unlifted),
                         "bmm": dynamic_matmuls_to_bmm(unlifted)}
             ep = torch.export.export(unlifted, example, dynamic_shapes=dynamic, strict=False)
-        edge = lower(ep, backend, export_id, set(placeholders) | set(derived))
+        edge = lower(ep, backend, export_id, set(placeholders) | set(derived),
+                     edge_passes=[drop_noop_expands] if backend == "xnnpack" else None)
         program = program_file(fmt)
         data = data_file(fmt, 0)
         emitted = emit(edge, placeholders, staging / program, staging / data, real_values, fmt, derived)
