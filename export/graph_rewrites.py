@@ -261,7 +261,7 @@ def drop_noop_expands(gm: fx.GraphModule) -> Any:
         before, after = source.meta.get("val"), node.meta.get("val")
         if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
             continue
-        if [str(d) for d in before.shape] != [str(d) for d in after.shape] or before.dtype != after.dtype:
+        if [str(d) for d in before.shape] != [str(d) for d in after.shape]:
             continue
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)

@@ -64,7 +64,7 @@ def rematerialize_cheap_activations(ep: Any, min_numel: int, max_chain: int = 4)
     copies: dict[fx.Node, fx.Node] = {}
     for user in [n for n in graph.nodes if n in backward]:
         for arg in [a for a in user.all_input_nodes if a in recomputed]:
-            user.replace_input_with(arg, _backward_copy(arg, user, forward, recomputed, copies))
+            user.replace_input_with(arg, _backward_copy(arg, user, kept, copies))
     graph.eliminate_dead_code()
     graph.lint()
     ep.graph_module.recompile()
@@ -103,20 +103,18 @@ def _recomputable(node: fx.Node, kept: set[fx.Node], recomputed: set[fx.Node], b
                or _recomputable(arg, kept, recomputed, budget - 1) for arg in node.all_input_nodes)
 
 
-def _backward_copy(node: fx.Node, before: fx.Node, forward: set[fx.Node], recomputed: set[fx.Node],
-                   copies: dict[fx.Node, fx.Node]) -> fx.Node:
-    """The backward's value of forward `node`: itself if kept, else a copy computed before `before`.
+def _backward_copy(node: fx.Node, before: fx.Node, kept: set[fx.Node], copies: dict[fx.Node, fx.Node]) -> fx.Node:
+    """The backward's value of forward `node`: itself if kept (or a program input), else a copy
+    computed before `before`, its inputs resolved the same way (`_recomputable` vetted the chain).
 
     Backward users are visited in graph order, so a copy made for an earlier user precedes
     every later one."""
-    if node in copies:
-        return copies[node]
-    if node.op != "call_function" or (node not in recomputed and any(u not in forward for u in node.users)):
-        return node  # kept for the backward (or a program input)
-    args = fx.map_arg(node.args, lambda a: _backward_copy(a, before, forward, recomputed, copies))
-    kwargs = fx.map_arg(node.kwargs, lambda a: _backward_copy(a, before, forward, recomputed, copies))
-    with before.graph.inserting_before(before):
-        copy = before.graph.call_function(node.target, args, kwargs)
-    copy.meta = dict(node.meta)
-    copies[node] = copy
-    return copy
+    if node.op != "call_function" or node in kept:
+        return node
+    if node not in copies:
+        args = fx.map_arg(node.args, lambda a: _backward_copy(a, before, kept, copies))
+        kwargs = fx.map_arg(node.kwargs, lambda a: _backward_copy(a, before, kept, copies))
+        with before.graph.inserting_before(before):
+            copies[node] = before.graph.call_function(node.target, args, kwargs)
+        copies[node].meta = dict(node.meta)
+    return copies[node]
