@@ -3,8 +3,9 @@
 The model has two ways to mix experts (DESIGN.md §1): a grouped, data-dependent path for
 eager training and a dense static path. Exporters need the static one, and HF's sdpa attention
 breaks the joint forward/backward export, so before tracing we force the dense path on every
-MoE layer, switch attention to the explicit ("eager") implementation and put the model in eval
-mode (dropout is 0 anyway; eval keeps HF from taking training-only branches).
+MoE layer, switch attention to an explicit implementation (`export.grouped_attention` for
+grouped-query models, HF's "eager" otherwise) and put the model in eval mode (dropout is 0
+anyway; eval keeps HF from taking training-only branches).
 
 Program parameter names are the wrapper's: `model.` + the model's own parameter name. The
 manifest, adapters and the roles contract use the model's own names; `canonical_name` and
@@ -24,6 +25,7 @@ from torch import nn
 
 from edge_runtime.model.config import CoMiGSConfig
 from edge_runtime.model.inject import LossModule, comigs_config, moe_layers
+from export import grouped_attention
 
 PROGRAM_PREFIX = "model."
 
@@ -60,13 +62,14 @@ def prepare_for_export(model: nn.Module) -> CoMiGSConfig:
     config = comigs_config(model)
     for layer in moe_layers(model):
         layer.force_dense = True
+    wanted = grouped_attention.register() if grouped_attention.has_grouped_heads(model) else "eager"
     setter = getattr(model, "set_attn_implementation", None)
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if current != "eager":
+    if current != wanted:
         if setter is None:
             raise ValueError(f"cannot switch {type(model).__name__} to explicit attention for export "
                              f"(attention implementation {current!r}); load it with attn_implementation='eager'.")
-        setter("eager")
+        setter(wanted)
     model.eval()
     return config
 
