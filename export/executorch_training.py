@@ -38,6 +38,7 @@ from export.graph_rewrites import (
     CORE_ATEN_FIXES,
     MATMULS_TO_BMM,
     drop_aliases,
+    drop_noop_expands,
     sink_inputless_nodes,
     transpose_weights_once,
 )
@@ -87,7 +88,8 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
     transpose_weights_once(ep)
     rematerialize_cheap_activations(ep, min_numel=batch * seq_len * model.get_input_embeddings().embedding_dim)
     edge = lower(ep, backend, export_id, set(placeholders),
-                 partitioner=_xnnpack_partitioner() if backend == "xnnpack" else None)
+                 partitioner=_xnnpack_partitioner() if backend == "xnnpack" else None,
+                 edge_passes=[drop_noop_expands] if backend == "xnnpack" else None)
     sink_inputless_nodes(edge.exported_program())  # partitioning topo-sorts them to the front
     program = program_file(fmt)
     data = data_file(fmt, 0)
