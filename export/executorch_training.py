@@ -63,12 +63,31 @@ def _xnnpack_partitioner() -> Any:
     return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c is not SoftmaxConfig])
 
 
+def training_joint_graph(model: nn.Module, example: tuple[torch.Tensor, torch.Tensor], trainable: Mapping[str, str],
+                         loss_chunk: int, backend: Backend, *, rewrite: bool = True) -> Any:
+    """The joint forward/backward ExportedProgram that `export_training` lowers, up to (not
+    including) the rematerialisation: traced with only `trainable` requiring grad, decomposed
+    (matmuls to bmm for XNNPACK) and, with `rewrite`, without alias copies and with each frozen
+    weight transposed once. One function, so the tests see the graph the exporter builds."""
+    from torch.export.experimental import _export_forward_backward
+
+    with requires_grad_only(model, set(trainable)):
+        ep = torch.export.export(TrainingLossModule(model, loss_chunk).eval(), example, strict=False)
+        ep = _export_forward_backward(ep)
+    table = dict(CORE_ATEN_FIXES)
+    if backend == "xnnpack":
+        table.update(MATMULS_TO_BMM)
+    ep = ep.run_decompositions(table)
+    if rewrite:
+        drop_aliases(ep)
+        transpose_weights_once(ep)
+    return ep
+
+
 def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int, seq_len: int,
                     train_generalists: bool, loss_chunk: int, export_id: int, placeholders: Mapping[str, torch.Tensor],
                     real_values: Mapping[str, torch.Tensor], staging: Path) -> dict[str, Any]:
     """Export the joint forward/backward program into `staging`; returns its manifest entry."""
-    from torch.export.experimental import _export_forward_backward
-
     if batch < 1 or seq_len < 2:
         raise ExportError(f"training batch must be >= 1 and seq_len >= 2, got {batch} x {seq_len}.")
     trainable = trainable_names(model, train_generalists)
@@ -77,15 +96,7 @@ def export_training(model: nn.Module, *, fmt: str, backend: Backend, batch: int,
                           "--train-generalists or a layout with specialists (e.g. --experts 1,1).")
     started = time.perf_counter()
     example = (torch.zeros(batch, seq_len, dtype=torch.long), torch.zeros(batch, seq_len, dtype=torch.long))
-    with requires_grad_only(model, set(trainable)):
-        ep = torch.export.export(TrainingLossModule(model, loss_chunk).eval(), example, strict=False)
-        ep = _export_forward_backward(ep)
-    table = dict(CORE_ATEN_FIXES)
-    if backend == "xnnpack":
-        table.update(MATMULS_TO_BMM)
-    ep = ep.run_decompositions(table)
-    drop_aliases(ep)
-    transpose_weights_once(ep)
+    ep = training_joint_graph(model, example, trainable, loss_chunk, backend)
     rematerialize_cheap_activations(ep, min_numel=batch * seq_len * model.get_input_embeddings().embedding_dim)
     edge = lower(ep, backend, export_id, set(placeholders),
                  partitioner=_xnnpack_partitioner() if backend == "xnnpack" else None,

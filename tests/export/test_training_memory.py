@@ -145,24 +145,16 @@ print(sorted(m for m in sys.modules if m.startswith(("executorch.exir", "torchao
 def _joint_graph(arch: str = "llama", rewrite: bool = True):
     """The tiny model's joint forward/backward graph as export_training builds it, before lowering
     (`rewrite`: with its rewrites up to the rematerialisation)."""
-    from torch.export.experimental import _export_forward_backward
-
-    from export.executorch_training import trainable_names
-    from export.graph_rewrites import CORE_ATEN_FIXES, MATMULS_TO_BMM, drop_aliases, transpose_weights_once
-    from export.prepare import prepare_for_export, requires_grad_only
-    from export.training_loss import TrainingLossModule
+    from export.executorch_training import trainable_names, training_joint_graph
+    from export.prepare import prepare_for_export
 
     from tests.export.export_helpers import TRAIN_LOSS_CHUNK, TRAIN_SHAPE, eager_model, token_ids
 
     model = eager_model(arch)
     prepare_for_export(model)
     ids, targets = token_ids(TRAIN_SHAPE, seed=3), token_ids(TRAIN_SHAPE, seed=4)
-    with requires_grad_only(model, set(trainable_names(model, False))):
-        ep = torch.export.export(TrainingLossModule(model, TRAIN_LOSS_CHUNK).eval(), (ids, targets), strict=False)
-        ep = _export_forward_backward(ep).run_decompositions({**CORE_ATEN_FIXES, **MATMULS_TO_BMM})
-    if rewrite:
-        drop_aliases(ep)
-        transpose_weights_once(ep)
+    ep = training_joint_graph(model, (ids, targets), trainable_names(model, False), TRAIN_LOSS_CHUNK, "xnnpack",
+                              rewrite=rewrite)
     residual = TRAIN_SHAPE[0] * TRAIN_SHAPE[1] * model.get_input_embeddings().embedding_dim
     return ep, (ids, targets), residual
 
