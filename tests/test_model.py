@@ -218,3 +218,39 @@ def test_grouped_mixture_backward_matches_numerical_gradients(gated, act, traina
         return grouped_mixture(x, pre, weights, groups, n_gen, in_stacks, rest[-4:], act, 0.7)
 
     torch.autograd.gradcheck(mixture, (x, weights, *pre, *stacks))
+
+
+def test_dense_gates_equal_top_k_of_every_expert_scattered_back():
+    """k = E: the router's shortcut (full softmax, no sort or scatter) gives the gates and the
+    balance loss of the top-k path, in value and in gradient."""
+    from edge_runtime.model.router import Router
+
+    torch.manual_seed(0)
+    router = Router(16, 3, 3, [0.5, 0.25, 0.25])
+    x = torch.randn(40, 16, requires_grad=True)
+    weights, experts, loss = router(x)
+    scattered = torch.zeros(40, 3).scatter(1, experts, weights)
+    gates, dense_loss = router.dense_gates(x)
+    torch.testing.assert_close(gates, scattered, rtol=0, atol=1e-7)
+    assert torch.equal(dense_loss, loss)
+    grads = [torch.autograd.grad((g * torch.arange(1.0, 4.0)).sum() + lb, (x, router.weight))
+             for g, lb in ((scattered, loss), (gates, dense_loss))]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="k = E"):
+        Router(16, 3, 2, [0.5, 0.25, 0.25]).dense_gates(x)
+
+
+def test_every_expert_layers_match_the_recorded_top_k_path():
+    """The MLP takes the shortcut unless routing is being recorded (which needs expert indices);
+    both give the same logits."""
+    from edge_runtime.model.moe_mlp import record_routing
+
+    model = tiny_comigs("llama", n_generalists=1, n_specialists=1)  # k = min(2, E) = E
+    randomize_experts(model)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        shortcut = model(input_ids=ids).logits
+        record_routing(model)
+        recorded = model(input_ids=ids).logits
+    torch.testing.assert_close(shortcut, recorded, rtol=0, atol=1e-6)

@@ -84,22 +84,29 @@ class CoMiGSMLP(nn.Module):
         x = hidden.reshape(-1, self.d_model)
         pre = tuple(getattr(self.base, name)(x) for name in self.in_names)  # base runs once
         router: Router | None = getattr(self, roles.ROUTER_MODULE)
+        exporting = torch.compiler.is_exporting()
+        every_expert = router is not None and router.top_k == self.n_experts >= 2
         if router is None:
-            weights, experts, self.aux_loss = None, None, None
+            gates, self.aux_loss = None, None
+        elif every_expert and self.routing_totals is None:
+            gates, self.aux_loss = router.dense_gates(x)
         else:
             weights, experts, self.aux_loss = router(x)
             if self.routing_totals is not None:
                 self._record(weights, experts)
-        exporting = torch.compiler.is_exporting()
-        dense = self.force_dense or exporting or router is None or router.top_k == self.n_experts
-        if not dense:
-            hbar, delta = self._mix_grouped(x, weights, experts, *pre)  # recomputes in its own backward
-        elif self.config.recompute_experts and self.training and torch.is_grad_enabled() and not exporting:
-            hbar, delta = checkpoint(self._mix_dense, x, weights, experts, *pre, use_reentrant=False)
+            if not (self.force_dense or exporting or every_expert):
+                hbar, delta = self._mix_grouped(x, weights, experts, *pre)  # recomputes in its own backward
+                return self._output(hbar, delta, hidden)
+            gates = self._dense_gates(x, weights, experts)
+        if self.config.recompute_experts and self.training and torch.is_grad_enabled() and not exporting:
+            hbar, delta = checkpoint(self._mix_dense, x, gates, *pre, use_reentrant=False)
         elif self.stack_experts:
-            hbar, delta = self._mix_stacked(x, weights, experts, *pre)
+            hbar, delta = self._mix_stacked(x, gates, *pre)
         else:
-            hbar, delta = self._mix_dense(x, weights, experts, *pre)
+            hbar, delta = self._mix_dense(x, gates, *pre)
+        return self._output(hbar, delta, hidden)
+
+    def _output(self, hbar: torch.Tensor, delta: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         out = getattr(self.base, self.out_name)(hbar) + delta
         dropout = getattr(self.base, "dropout", None)  # GPT-2 applies it after c_proj
         if dropout is not None:
@@ -116,10 +123,9 @@ class CoMiGSMLP(nn.Module):
         h = getattr(self.base, self.act_name)(adjusted[0])
         return h * adjusted[1] if len(adjusted) == 2 else h
 
-    def _mix_dense(self, x: torch.Tensor, weights: torch.Tensor | None, experts: torch.Tensor | None,
+    def _mix_dense(self, x: torch.Tensor, gates: torch.Tensor | None,
                    *pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out_bank = self.experts[self.out_name]
-        gates = self._dense_gates(x, weights, experts)
         hbar = delta = None
         for e in range(self.n_experts):
             h = self._hidden(x, pre, e)
@@ -132,19 +138,16 @@ class CoMiGSMLP(nn.Module):
             delta = d if delta is None else delta + d
         return hbar, delta
 
-    def _mix_stacked(self, x: torch.Tensor, weights: torch.Tensor | None, experts: torch.Tensor | None,
+    def _mix_stacked(self, x: torch.Tensor, gates: torch.Tensor | None,
                      *pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return stacked_mixture(
-            x, pre, self._dense_gates(x, weights, experts),
+            x, pre, gates,
             [self.experts[name].factor_stacks(x.dtype) for name in self.in_names],
             self.experts[self.out_name].factor_stacks(x.dtype),
             getattr(self.base, self.act_name), self.config.scale)
 
-    def _dense_gates(self, x: torch.Tensor, weights: torch.Tensor | None,
-                     experts: torch.Tensor | None) -> torch.Tensor | None:
-        """(N, E) gate weights with zeros for the experts a token did not select; None without a router."""
-        if weights is None:
-            return None
+    def _dense_gates(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """(N, E) gate weights with zeros for the experts a token did not select."""
         gates = torch.zeros(x.shape[0], self.n_experts, dtype=x.dtype, device=x.device)
         return gates.scatter(1, experts, weights)
 

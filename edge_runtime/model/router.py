@@ -39,6 +39,22 @@ class Router(nn.Module):
             weights = torch.softmax(top_logits, dim=-1)
         return weights.to(x.dtype), experts, self.balance_loss(probs, experts)
 
+    def dense_gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k = E >= 2: x (N, d) -> gates (N, E), load-balancing loss ().
+
+        Every expert is selected for every token, so the renormalised top-k softmax is the full
+        softmax in sorted order and scattering it back by expert index gives the full softmax
+        itself: the same gates and loss as `forward` followed by a scatter, without the sort and
+        the scatter (in an ExecuTorch program both are portable, single-threaded kernels that
+        split the XNNPACK-delegated graph of every block).
+        """
+        if self.top_k != self.n_experts or self.n_experts < 2:
+            raise ValueError(f"dense_gates needs k = E >= 2, this router has k = {self.top_k}, E = {self.n_experts}")
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        probs = torch.softmax(F.linear(x, weight).float(), dim=-1)
+        share = torch.full_like(self.target_shares, 1.0 / self.n_experts)  # f_e: every slot dispatched
+        return probs.to(x.dtype), (share * probs.mean(dim=0) / self.target_shares).sum()
+
     def balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Switch-style `sum_e f_e * P_e / t_e` with target shares t (minimum 1 at f = P = t).
 
