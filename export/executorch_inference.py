@@ -33,6 +33,7 @@ from export.graph_rewrites import (
     transposed_weights_to_linear,
 )
 from export.prepare import PROGRAM_PREFIX, InferenceModule, canonical_name
+from export.selection_matmuls import selections_to_linear
 
 Backend = Literal["portable", "xnnpack"]
 EXAMPLE_SEQ = 16
@@ -63,7 +64,7 @@ def export_inference(model: nn.Module, *, fmt: str, backend: Backend, batch: int
                 unlifted, lambda fqn: fqn.startswith(PROGRAM_PREFIX) and canonical_name(fqn) in placeholders)
             derived = {canonical_name(new): (canonical_name(old), i) for new, (old, i) in split.items()}
             rewrites = {"expert_slices": len(split), "linear": transposed_weights_to_linear(unlifted),
-                        "bmm": dynamic_matmuls_to_bmm(unlifted)}
+                        "bmm": dynamic_matmuls_to_bmm(unlifted), "selections": selections_to_linear(unlifted)}
             ep = torch.export.export(unlifted, example, dynamic_shapes=dynamic, strict=False)
         edge = lower(ep, backend, export_id, set(placeholders) | set(derived),
                      edge_passes=[drop_noop_expands] if backend == "xnnpack" else None)
