@@ -29,6 +29,7 @@ from export.executorch_common import emit, lower
 from export.graph_rewrites import (
     drop_noop_expands,
     dynamic_matmuls_to_bmm,
+    infer_symbolic_view_dims,
     split_expert_selects,
     transposed_weights_to_linear,
 )
@@ -67,7 +68,7 @@ def export_inference(model: nn.Module, *, fmt: str, backend: Backend, batch: int
                         "bmm": dynamic_matmuls_to_bmm(unlifted), "selections": selections_to_linear(unlifted)}
             ep = torch.export.export(unlifted, example, dynamic_shapes=dynamic, strict=False)
         edge = lower(ep, backend, export_id, set(placeholders) | set(derived),
-                     edge_passes=[drop_noop_expands] if backend == "xnnpack" else None)
+                     edge_passes=[drop_noop_expands, infer_symbolic_view_dims] if backend == "xnnpack" else None)
         program = program_file(fmt)
         data = data_file(fmt, 0)
         emitted = emit(edge, placeholders, staging / program, staging / data, real_values, fmt, derived)

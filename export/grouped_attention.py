@@ -10,9 +10,11 @@ program is a portable `sum`. Folding the group's query heads into the sequence a
 
 makes every query head of a group attend to its one shared key/value head with a single batched
 matmul over the KV heads: the same products in the same order, no copies, and one wide matmul per
-KV head instead of `rep` narrow ones. The causal mask is tiled to the folded axis once per forward
-(every layer receives the same mask tensor), not once per layer; adding it with a broadcast over a
-5-D view instead would make torch.export guard on the dynamic sequence length.
+KV head instead of `rep` narrow ones. The matmuls are 3-D `bmm` over (batch x KV heads), so every
+reshape has one dynamic dimension (XNNPACK delegates those, not views with two), and the causal
+mask is tiled to the scores' layout once per forward (every layer receives the same mask tensor);
+adding it with a broadcast over a 5-D view instead would make torch.export guard on the dynamic
+sequence length.
 
 Registered with transformers' attention interfaces as `comigs_grouped` and selected by
 `export.prepare.prepare_for_export` for models with fewer KV heads than query heads; models without
@@ -35,31 +37,41 @@ def grouped_query_attention(module: nn.Module, query: torch.Tensor, key: torch.T
                             **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """`eager_attention_forward`'s contract: query (B, H, T, D), key/value (B, KV, S, D), additive
     mask (B, 1, T, S) or None; returns the output (B, T, H, D) and the weights (B, H, T, S)."""
-    heads, t = query.shape[1], query.shape[2]
+    b, heads, t, d = query.shape
     kv = key.shape[1]
     rep = heads // kv
-    scores = torch.matmul(query.unflatten(1, (kv, rep)).flatten(2, 3), key.transpose(2, 3)) * scaling
+    q = query.unflatten(1, (kv, rep)).flatten(2, 3).flatten(0, 1)  # (B * KV, rep * T, D)
+    scores = torch.bmm(q, key.flatten(0, 1).transpose(1, 2)) * scaling
     if attention_mask is not None:
-        scores = scores + _tiled(attention_mask, rep)
+        scores = scores + _tiled(attention_mask, kv, rep)
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    out = torch.matmul(weights, value).unflatten(2, (rep, t)).flatten(1, 2)
-    return out.transpose(1, 2).contiguous(), weights.unflatten(2, (rep, t)).flatten(1, 2)
+    out = torch.bmm(weights, value.flatten(0, 1))
+    return _unfold(out, b, kv, rep, t).transpose(1, 2).contiguous(), _unfold(weights, b, kv, rep, t)
 
 
-_last_tiled: tuple[weakref.ref[torch.Tensor], int, torch.Tensor] | None = None
+def _unfold(x: torch.Tensor, b: int, kv: int, rep: int, t: int) -> torch.Tensor:
+    """(B * KV, rep * T, X) -> (B, H, T, X). unflatten / flatten rather than one view: torch.export
+    proves these with a dynamic T, and guards on the equivalent view."""
+    return x.unflatten(0, (b, kv)).unflatten(2, (rep, t)).flatten(1, 2)
 
 
-def _tiled(mask: torch.Tensor, rep: int) -> torch.Tensor:
-    """(B, 1, T, S) -> (B, 1, rep * T, S), reused while the layers of one forward pass the same
-    mask (a weak reference: the cache never keeps a mask alive or outlives it)."""
+_last_tiled: tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor] | None = None
+
+
+def _tiled(mask: torch.Tensor, kv: int, rep: int) -> torch.Tensor:
+    """(B, 1, T, S) -> (B * KV, rep * T, S), the scores' layout, reused while the layers of one
+    forward pass the same mask (a weak reference: the cache never keeps a mask alive or outlives
+    it). Built once, the additions in the layers need no broadcasting and no view with two
+    dynamic dimensions, which XNNPACK cannot take."""
     global _last_tiled
-    if rep == 1:
-        return mask
-    if _last_tiled is not None and _last_tiled[0]() is mask and _last_tiled[1] == rep:
-        return _last_tiled[2]
-    tiled = torch.cat([mask] * rep, dim=2)
-    _last_tiled = (weakref.ref(mask), rep, tiled)
+    cached = _last_tiled
+    if cached is not None and cached[0]() is mask and cached[1:3] == (kv, rep):
+        return cached[3]
+    tiled = torch.cat([mask] * rep, dim=2) if rep > 1 else mask
+    tiled = torch.cat([tiled] * kv, dim=1) if kv > 1 else tiled
+    tiled = tiled.flatten(0, 1)
+    _last_tiled = (weakref.ref(mask), kv, rep, tiled)
     return tiled
 
 
