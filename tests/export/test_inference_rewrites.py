@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.graph_rewrites import drop_noop_expands
+from export.graph_rewrites import drop_noop_expands, infer_symbolic_view_dims
 
 
 class _Attention(nn.Module):
@@ -50,3 +50,36 @@ def test_a_graph_without_noop_expands_is_not_modified():
 
     gm = to_edge(torch.export.export(Plain(), (torch.randn(3),))).exported_program().graph_module
     assert not drop_noop_expands(gm).modified
+
+
+class _Heads(nn.Module):
+    """HF's head split and merge: views whose target shapes name the dynamic length."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        heads = x.view(b, t, -1, 4).transpose(1, 2) * 2
+        return heads.transpose(1, 2).reshape(b, t, -1) + 1
+
+
+def test_views_with_one_dynamic_dimension_get_integer_shapes_and_join_the_delegate():
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    from edge_runtime.artifacts.executorch_runtime import runtime
+
+    x = torch.randn(1, 6, 16)
+    seq = torch.export.Dim("seq", min=2, max=32)
+    ep = torch.export.export(_Heads(), (x,), dynamic_shapes=({1: seq},), strict=False)
+    lowered = {}
+    for passes in ([], [infer_symbolic_view_dims]):
+        edge = to_edge_transform_and_lower(ep, transform_passes=passes, partitioner=[XnnpackPartitioner()])
+        graph = edge.exported_program().graph
+        views = [n for n in graph.nodes if n.target == exir_ops.edge.aten.view_copy.default]
+        delegates = [n for n in graph.nodes if "call_delegate" in str(n.target)]
+        lowered[len(passes)] = (views, delegates, edge.to_executorch())
+    assert lowered[0][0] and len(lowered[0][1]) > 1  # symbolic views stay outside, splitting the graph
+    assert not lowered[1][0] and len(lowered[1][1]) == 1
+    method = runtime()._load_for_executorch_from_buffer(lowered[1][2].buffer)
+    longer = torch.randn(1, 11, 16)
+    assert torch.equal(method.forward([longer])[0], _Heads()(longer))
