@@ -68,6 +68,9 @@ _ROUND_STATES = {
 #: 64 KiB: large enough that per-message overhead is small, small enough that a coordinator serving
 #: hundreds of concurrent uploads holds little memory per stream (see sync_service/README.md).
 DEFAULT_CHUNK_BYTES = 64 * 1024
+#: Queued for an upload slot at least this long, a device hangs up until it asks again: a reconnect
+#: (one TLS handshake) is cheap next to the connection state a coordinator would hold meanwhile.
+HANG_UP_WAIT_S = 1.0
 
 
 class SyncError(Exception):
@@ -564,8 +567,10 @@ class SyncClient:
         """Queue for one of the coordinator's upload slots; return once granted.
 
         The coordinator streams a bounded number of uploads at once and tells the others when their
-        turn should come, so waiting costs neither side memory. Every attempt (retries included) queues
-        again: a slot is only held for a short while. Coordinators without admission control answer
+        turn should come, so waiting costs neither side memory: told to wait `HANG_UP_WAIT_S` or longer,
+        the client also closes its connection (the coordinator keeps ~100-200 KiB of TLS state per open
+        connection) and reconnects when it asks again. Every attempt (retries included) queues again: a
+        slot is only held for a short while. Coordinators without admission control answer
         UNIMPLEMENTED, and the client stops asking.
         """
         if not self._use_slots:
@@ -585,6 +590,8 @@ class SyncClient:
             if grant.granted:
                 return
             wait = grant.retry_after_ms / 1000 * self._rng.uniform(1.0, 1.1)  # de-synchronise the queue
+            if wait >= HANG_UP_WAIT_S:
+                self.close()  # queued: the coordinator holds no memory for us while we sleep
             if time.monotonic() + wait > deadline:
                 raise SyncError(
                     "AcquireUploadSlot",

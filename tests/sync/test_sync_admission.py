@@ -262,7 +262,8 @@ class _OlderCoordinator:
         from concurrent import futures
 
         self.calls = {"AcquireUploadSlot": 0, "UploadDelta": 0}
-        calls = self.calls
+        self.peers: list[str] = []  # of the AcquireUploadSlot calls: a new connection has a new port
+        calls, peers = self.calls, self.peers
 
         class Servicer(pb_grpc.SyncServiceServicer):
             def UploadDelta(self, request_iterator, context):  # noqa: N802 - gRPC method name
@@ -274,6 +275,7 @@ class _OlderCoordinator:
 
             def acquire_slot(self, request, context):  # type: ignore[no-untyped-def]
                 calls["AcquireUploadSlot"] += 1
+                peers.append(context.peer())
                 return acquire(request)
 
             Servicer.AcquireUploadSlot = acquire_slot  # type: ignore[method-assign]
@@ -324,6 +326,24 @@ def test_a_device_gives_up_waiting_for_a_slot_at_its_transfer_timeout() -> None:
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "7 devices ahead, 2 slots" in str(info.value)
     assert 3 <= older.calls["AcquireUploadSlot"] <= 6 and older.calls["UploadDelta"] == 0
+
+
+@pytest.mark.parametrize("retry_after_ms, hangs_up", [(100, False), (1500, True)])
+def test_a_device_queued_for_a_second_or_more_hangs_up_until_it_asks_again(retry_after_ms, hangs_up) -> None:
+    answers = iter([pb.AcquireUploadSlotResponse(granted=False, retry_after_ms=retry_after_ms, queue_position=30,
+                                                 slots=2),
+                    pb.AcquireUploadSlotResponse(granted=True, retry_after_ms=10_000)])
+    older = _OlderCoordinator(lambda request: next(answers))
+    slept: list[float] = []
+    try:
+        client = older.client(sleep=slept.append)
+        assert client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key="k").upload_id
+        client.close()
+    finally:
+        older.server.stop(0)
+    assert older.calls == {"AcquireUploadSlot": 2, "UploadDelta": 1}
+    assert slept and slept[0] >= retry_after_ms / 1000
+    assert (older.peers[0] != older.peers[1]) is hangs_up
 
 
 def test_an_idle_connection_is_closed_and_the_device_reconnects_on_its_next_call(coordinator_factory) -> None:

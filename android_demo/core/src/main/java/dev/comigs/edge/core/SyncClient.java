@@ -65,6 +65,8 @@ public final class SyncClient implements AutoCloseable {
           Status.Code.RESOURCE_EXHAUSTED,
           Status.Code.ABORTED);
   public static final int DEFAULT_CHUNK_BYTES = 64 * 1024;
+  /** Queued for an upload slot at least this long, the client hangs up until it asks again (as the Python client). */
+  public static final long HANG_UP_WAIT_MS = 1000;
 
   /** Connection settings. */
   public static final class Options {
@@ -467,6 +469,9 @@ public final class SyncClient implements AutoCloseable {
         throw new SyncException("AcquireUploadSlot", Status.Code.DEADLINE_EXCEEDED,
             "no upload slot within " + options.transferTimeoutMs + " ms (" + grant.getQueuePosition()
                 + " devices ahead, " + grant.getSlots() + " slots); try again later", 1);
+      }
+      if (wait >= HANG_UP_WAIT_MS) {
+        channel.enterIdle(); // queued: the coordinator holds no connection state for us while we sleep
       }
       Thread.sleep(wait);
     }
