@@ -61,9 +61,9 @@ _last_tiled: tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor] | None = N
 
 def _tiled(mask: torch.Tensor, kv: int, rep: int) -> torch.Tensor:
     """(B, 1, T, S) -> (B * KV, rep * T, S), the scores' layout, reused while the layers of one
-    forward pass the same mask (a weak reference: the cache never keeps a mask alive or outlives
-    it). Built once, the additions in the layers need no broadcasting and no view with two
-    dynamic dimensions, which XNNPACK cannot take."""
+    forward pass the same mask. The cache refers to the mask weakly and is dropped with it, so it
+    neither keeps a mask alive nor outlives the forward. Built once, the additions in the layers
+    need no broadcasting and no view with two dynamic dimensions, which XNNPACK cannot take."""
     global _last_tiled
     cached = _last_tiled
     if cached is not None and cached[0]() is mask and cached[1:3] == (kv, rep):
@@ -71,8 +71,14 @@ def _tiled(mask: torch.Tensor, kv: int, rep: int) -> torch.Tensor:
     tiled = torch.cat([mask] * rep, dim=2) if rep > 1 else mask
     tiled = torch.cat([tiled] * kv, dim=1) if kv > 1 else tiled
     tiled = tiled.flatten(0, 1)
-    _last_tiled = (weakref.ref(mask), kv, rep, tiled)
+    _last_tiled = (weakref.ref(mask, _forget), kv, rep, tiled)
     return tiled
+
+
+def _forget(ref: weakref.ref[torch.Tensor]) -> None:
+    global _last_tiled
+    if _last_tiled is not None and _last_tiled[0] is ref:
+        _last_tiled = None
 
 
 def register() -> str:

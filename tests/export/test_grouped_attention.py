@@ -28,6 +28,7 @@ def test_equals_hf_explicit_attention(padded):
         mask[1, :6] = 0
     name = grouped_attention.register()
     assert torch.equal(_logits(model, name, ids, mask), _logits(model, "eager", ids, mask))
+    assert grouped_attention._last_tiled is None  # the tiled mask went with the forward's mask
 
 
 def test_gradients_equal_hf_explicit_attention():
