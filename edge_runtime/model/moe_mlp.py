@@ -14,7 +14,9 @@ Two ways to evaluate the mixture, with identical results:
   tokens, so the cost does not grow with the number of experts a device holds; one autograd
   Function with a hand-written backward (`grouped_experts.py`);
 - *dense* (k = E, and always under torch.export): every expert on every token with zero gates
-  for the unselected ones; static shapes, as ExecuTorch and ONNX need. With `stack_experts`
+  for the unselected ones; static shapes, as ExecuTorch and ONNX need. With k = E the gates are
+  the router's full softmax (`Router.dense_gates`: no sort, no scatter) unless routing is being
+  recorded, which needs the expert indices. With `stack_experts`
   (set for the ONNX export) the same mixture runs with all experts batched
   (`stacked_experts.py`): fewer, wider kernels, which is what ONNX Runtime needs.
 The per-expert hidden states (the only activations that scale with k) are recomputed in the
