@@ -57,7 +57,8 @@ def _constant(gm: fx.GraphModule, tensor: torch.Tensor) -> fx.Node:
 def _slice(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     if node.kwargs:
         return None
-    x, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+    x, *given = node.args
+    dim, start, end, step = (*given, *(0, None, None, 1)[len(given):])  # slice.Tensor's defaults
     size = _dynamic_float_last_axis(x, dim)
     if size is None or step != 1 or not all(isinstance(v, int) or v is None for v in (start, end)):
         return None
