@@ -568,7 +568,7 @@ class SyncClient:
 
         The coordinator streams a bounded number of uploads at once and tells the others when their
         turn should come, so waiting costs neither side memory: told to wait `HANG_UP_WAIT_S` or longer,
-        the client also closes its connection (the coordinator keeps ~100-200 KiB of TLS state per open
+        the client also closes its connection (the coordinator keeps ~65-200 KiB of TLS state per open
         connection) and reconnects when it asks again. Every attempt (retries included) queues again: a
         slot is only held for a short while. Coordinators without admission control answer
         UNIMPLEMENTED, and the client stops asking.

@@ -126,9 +126,15 @@ def _is_static(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
-def _rank(node: Any) -> int | None:
+def node_value(node: Any) -> torch.Tensor | None:
+    """The (fake) tensor a graph node computes, as traced into its meta; None for anything else."""
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return value.dim() if isinstance(value, torch.Tensor) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _rank(node: Any) -> int | None:
+    value = node_value(node)
+    return None if value is None else value.dim()
 
 
 def dynamic_matmuls_to_bmm(gm: fx.GraphModule) -> int:
@@ -258,8 +264,8 @@ def drop_noop_expands(gm: fx.GraphModule) -> Any:
         if node.op != "call_function" or node.target != exir_ops.edge.aten.expand_copy.default:
             continue
         source = node.args[0]
-        before, after = source.meta.get("val"), node.meta.get("val")
-        if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+        before, after = node_value(source), node_value(node)
+        if before is None or after is None:
             continue
         if [str(d) for d in before.shape] != [str(d) for d in after.shape]:
             continue
@@ -288,8 +294,8 @@ def infer_symbolic_view_dims(gm: fx.GraphModule) -> Any:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != exir_ops.edge.aten.view_copy.default:
             continue
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor) or all(isinstance(d, int) for d in node.args[1]):
+        value = node_value(node)
+        if value is None or all(isinstance(d, int) for d in node.args[1]):
             continue
         shape = [d if isinstance(d, int) else -1 for d in value.shape]
         if shape.count(-1) != 1:

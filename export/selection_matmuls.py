@@ -25,19 +25,16 @@ from typing import Any
 import torch
 from torch import fx
 
+from export.graph_rewrites import node_value
+
 aten = torch.ops.aten
 PREFIX = "_selection_"
-
-
-def _value(node: Any) -> torch.Tensor | None:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _dynamic_float_last_axis(node: Any, dim: Any) -> int | None:
     """The static size of `node`'s last axis when `dim` is that axis, the tensor float32 and some
     other axis dynamic; otherwise None (XNNPACK handles the static case itself)."""
-    value = _value(node)
+    value = node_value(node)
     if value is None or value.dtype != torch.float32 or not isinstance(dim, int):
         return None
     if dim % value.dim() != value.dim() - 1:

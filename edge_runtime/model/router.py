@@ -28,8 +28,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, d) -> gate weights (N, k), expert indices (N, k), load-balancing loss ()."""
-        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)  # bf16 base model
-        logits = F.linear(x, weight).float()
+        logits = self._logits(x)
         probs = torch.softmax(logits, dim=-1)
         top_logits, experts = torch.topk(logits, self.top_k, dim=-1)
         if self.top_k == 1:
@@ -50,10 +49,14 @@ class Router(nn.Module):
         """
         if self.top_k != self.n_experts or self.n_experts < 2:
             raise ValueError(f"dense_gates needs k = E >= 2, this router has k = {self.top_k}, E = {self.n_experts}")
+        probs = torch.softmax(self._logits(x), dim=-1)
+        every_slot = torch.full_like(self.target_shares, 1.0 / self.n_experts)  # f_e of `balance_loss`
+        return probs.to(x.dtype), self._balance(every_slot, probs)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, E) float32 router logits (the weight cast to a bf16 base model's activations)."""
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        probs = torch.softmax(F.linear(x, weight).float(), dim=-1)
-        share = torch.full_like(self.target_shares, 1.0 / self.n_experts)  # f_e: every slot dispatched
-        return probs.to(x.dtype), (share * probs.mean(dim=0) / self.target_shares).sum()
+        return F.linear(x, weight).float()
 
     def balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Switch-style `sum_e f_e * P_e / t_e` with target shares t (minimum 1 at f = P = t).
@@ -64,6 +67,7 @@ class Router(nn.Module):
         the loss only moves P towards t.
         """
         dispatched = F.one_hot(experts, self.n_experts).sum(dim=(0, 1)).to(probs.dtype)
-        f = dispatched / experts.numel()
-        p = probs.mean(dim=0)
-        return (f * p / self.target_shares).sum()
+        return self._balance(dispatched / experts.numel(), probs)
+
+    def _balance(self, f: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return (f * probs.mean(dim=0) / self.target_shares).sum()
