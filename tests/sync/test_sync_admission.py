@@ -262,8 +262,7 @@ class _OlderCoordinator:
         from concurrent import futures
 
         self.calls = {"AcquireUploadSlot": 0, "UploadDelta": 0}
-        self.peers: list[str] = []  # of the AcquireUploadSlot calls: a new connection has a new port
-        calls, peers = self.calls, self.peers
+        calls = self.calls
 
         class Servicer(pb_grpc.SyncServiceServicer):
             def UploadDelta(self, request_iterator, context):  # noqa: N802 - gRPC method name
@@ -275,7 +274,6 @@ class _OlderCoordinator:
 
             def acquire_slot(self, request, context):  # type: ignore[no-untyped-def]
                 calls["AcquireUploadSlot"] += 1
-                peers.append(context.peer())
                 return acquire(request)
 
             Servicer.AcquireUploadSlot = acquire_slot  # type: ignore[method-assign]
@@ -291,11 +289,64 @@ class _OlderCoordinator:
         pb_grpc.add_SyncServiceServicer_to_server(Servicer(), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
+        self.relay = _ConnectionCountingRelay(self.port)
 
     def client(self, **kwargs):  # type: ignore[no-untyped-def]
         from edge_runtime.sync_client import SyncClient
 
-        return SyncClient(f"127.0.0.1:{self.port}", "cmgs1.token", insecure=True, **kwargs)
+        return SyncClient(f"127.0.0.1:{self.relay.port}", "cmgs1.token", insecure=True, **kwargs)
+
+    def stop(self) -> None:
+        self.server.stop(0)
+        self.relay.close()
+
+
+class _ConnectionCountingRelay:
+    """A TCP relay in front of a server that counts the connections clients open.
+
+    Counting accepts is the only reliable sign of a new connection: the server-side peer address is
+    not, because Linux hands a loopback client its previous ephemeral port again (tcp_tw_reuse=2).
+    """
+
+    def __init__(self, backend_port: int) -> None:
+        import socket
+
+        self.accepted = 0
+        self._backend = ("127.0.0.1", backend_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            self.accepted += 1
+            backend = socket.create_connection(self._backend)
+            for source, sink in ((client, backend), (backend, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:  # type: ignore[no-untyped-def]
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):  # either side's close ends both directions
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._listener.close()
 
 
 def test_a_coordinator_without_admission_is_asked_once_then_never_again() -> None:
@@ -306,7 +357,7 @@ def test_a_coordinator_without_admission_is_asked_once_then_never_again() -> Non
             assert client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key=key).upload_id
         client.close()
     finally:
-        older.server.stop(0)
+        older.stop()
     assert older.calls == {"AcquireUploadSlot": 1, "UploadDelta": 2}
 
 
@@ -322,7 +373,7 @@ def test_a_device_gives_up_waiting_for_a_slot_at_its_transfer_timeout() -> None:
             client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key="k")
         client.close()
     finally:
-        older.server.stop(0)
+        older.stop()
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "7 devices ahead, 2 slots" in str(info.value)
     assert 3 <= older.calls["AcquireUploadSlot"] <= 6 and older.calls["UploadDelta"] == 0
@@ -340,10 +391,10 @@ def test_a_device_queued_for_a_second_or_more_hangs_up_until_it_asks_again(retry
         assert client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key="k").upload_id
         client.close()
     finally:
-        older.server.stop(0)
+        older.stop()
     assert older.calls == {"AcquireUploadSlot": 2, "UploadDelta": 1}
     assert slept and slept[0] >= retry_after_ms / 1000
-    assert (older.peers[0] != older.peers[1]) is hangs_up
+    assert older.relay.accepted == (2 if hangs_up else 1)
 
 
 def test_an_idle_connection_is_closed_and_the_device_reconnects_on_its_next_call(coordinator_factory) -> None:
