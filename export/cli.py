@@ -27,8 +27,9 @@ Export a base model with CoMiGS experts to on-device artifacts, all described by
 
 Every expert (generalist, specialist) and router tensor lives outside the programs (.ptd data
 files / ONNX external data), so `comigs export swap-experts DIR --adapters ...` replaces them
-without re-exporting. Inference artifacts take any sequence length up to --max-seq-len; the
-training program is exported for a fixed --train-batch x --train-seq-len.
+without re-exporting. Inference artifacts take any sequence length up to --max-seq-len and return
+logits at the positions the caller names (the last one for a generation prefill, all for scoring);
+the training program is exported for a fixed --train-batch x --train-seq-len.
 
 Before anything is written, every artifact is run against the eager model, once as exported and
 once with random experts swapped in; the export goes to a temporary directory next to --out and is

@@ -1,8 +1,9 @@
 """Inference `.pte` (portable kernels or XNNPACK) with every expert and router tensor in a `.ptd`.
 
-`forward(input_ids[batch, T]) -> logits[batch, T, vocab]` with a dynamic sequence length T in
-[1, max_seq_len] and a fixed batch (XNNPACK supports one dynamic dimension). The activation
-arena is planned for T = max_seq_len.
+`forward(input_ids[batch, T], logit_positions[P]) -> logits[batch, P, vocab]` with a dynamic
+sequence length T in [1, max_seq_len], a dynamic number P of positions to compute logits for
+(`prepare.InferenceModule`: the last one for a prefill, all for scoring) and a fixed batch. The
+activation arena is planned for T = P = max_seq_len.
 
 Portable: `torch.export` -> `to_edge` -> `to_executorch`. XNNPACK: on the unlifted graph every
 expert factor becomes a static per-expert weight of a `linear` (see graph_rewrites), the graph is
@@ -40,10 +41,13 @@ Backend = Literal["portable", "xnnpack"]
 EXAMPLE_SEQ = 16
 
 
-def _export(wrapper: nn.Module, batch: int, max_seq_len: int) -> tuple[Any, tuple[torch.Tensor], Any]:
+def _export(wrapper: nn.Module, batch: int, max_seq_len: int) -> tuple[Any, tuple[torch.Tensor, ...], Any]:
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
-    example = (torch.zeros(batch, min(EXAMPLE_SEQ, max_seq_len), dtype=torch.long),)
-    dynamic = ({1: seq},)
+    positions = torch.export.Dim("positions", min=1, max=max_seq_len)
+    example_seq = min(EXAMPLE_SEQ, max_seq_len)
+    # fewer example positions than tokens: equal sizes would tie the two dimensions together
+    example = (torch.zeros(batch, example_seq, dtype=torch.long), torch.arange(1, example_seq))
+    dynamic = ({1: seq}, {0: positions})
     return torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False), example, dynamic
 
 
@@ -77,9 +81,10 @@ def export_inference(model: nn.Module, *, fmt: str, backend: Backend, batch: int
         "backend": backend,
         "files": {"program": program, "data": data},
         "method": "forward",
-        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [batch, "seq"]}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [batch, "seq", "vocab"]}],
-        "dims": {"seq": {"min": 1, "max": max_seq_len}},
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [batch, "seq"]},
+                   {"name": "logit_positions", "dtype": "int64", "shape": ["positions"]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [batch, "positions", "vocab"]}],
+        "dims": {"seq": {"min": 1, "max": max_seq_len}, "positions": {"min": 1, "max": max_seq_len}},
         "batch": batch,
         "pluggable": emitted.key_map,
         "memory": {"arena_bytes": emitted.arena_bytes, "buffer_sizes": emitted.buffer_sizes,

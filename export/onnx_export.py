@@ -72,11 +72,13 @@ def export_onnx(model: nn.Module, *, fmt: str, max_batch: int, max_seq_len: int,
     wrapper = InferenceModule(model).eval()
     batch_dim = torch.export.Dim("batch", min=1, max=max_batch)
     seq_dim = torch.export.Dim("seq", min=1, max=max_seq_len)
-    example = (torch.zeros(*EXAMPLE_SHAPE, dtype=torch.long),)
+    positions_dim = torch.export.Dim("positions", min=1, max=max_seq_len)
+    # fewer example positions than tokens: equal sizes would tie the two dimensions together
+    example = (torch.zeros(*EXAMPLE_SHAPE, dtype=torch.long), torch.arange(1, EXAMPLE_SHAPE[1]))
     with torch.no_grad(), stack_experts(model):
         program = torch.onnx.export(wrapper, example, None, dynamo=True, optimize=False, verbose=False,
-                                    dynamic_shapes=({0: batch_dim, 1: seq_dim},),
-                                    input_names=["input_ids"], output_names=["logits"])
+                                    dynamic_shapes=({0: batch_dim, 1: seq_dim}, {0: positions_dim}),
+                                    input_names=["input_ids", "logit_positions"], output_names=["logits"])
     proto = program.model_proto
     del program
     divided = divide_by_roots(proto)  # lets ORT fuse each RMSNorm into one kernel
@@ -117,9 +119,11 @@ def export_onnx(model: nn.Module, *, fmt: str, max_batch: int, max_seq_len: int,
     return {
         "kind": KIND_ONNX,
         "files": {"model": model_name, "base_data": base_name, "data": data_name},
-        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", "vocab"]}],
-        "dims": {"batch": {"min": 1, "max": max_batch}, "seq": {"min": 1, "max": max_seq_len}},
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                   {"name": "logit_positions", "dtype": "int64", "shape": ["positions"]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "positions", "vocab"]}],
+        "dims": {"batch": {"min": 1, "max": max_batch}, "seq": {"min": 1, "max": max_seq_len},
+                 "positions": {"min": 1, "max": max_seq_len}},
         "opset": opset,
         "graph_rewrites": {"divide_by_roots": divided},
         "pluggable": found,

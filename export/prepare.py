@@ -38,14 +38,22 @@ def canonical_name(program_name: str) -> str:
 
 
 class InferenceModule(nn.Module):
-    """`forward(input_ids) -> logits`: the signature of every inference artifact."""
+    """`forward(input_ids[batch, T], logit_positions[P]) -> logits[batch, P, vocab]`: the signature of
+    every inference artifact.
+
+    The caller names the sequence positions it wants logits for, because the LM head is the largest
+    matmul of a small model (vocab x hidden: a fifth of SmolLM2-135M's prefill FLOPs at T = 128) and
+    most callers need one row of it: a generation prefill asks for the last position only, scoring
+    (perplexity) for all of them. It is HF's own `logits_to_keep` (which `generate` sets to the last
+    position), passed as an index tensor so one program serves both.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, logit_positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=logit_positions).logits
 
 
 def training_module(model: nn.Module) -> nn.Module:

@@ -2,6 +2,8 @@
 
     model = ExecuTorchInference("artifacts/", "pte-xnnpack")
     logits = model.logits(input_ids)          # (batch, seq) int64 -> (batch, seq, vocab) float32
+    logits = model.logits(input_ids, [7, 9])  # logits at positions 7 and 9 only: (batch, 2, vocab)
+    next_logits = model.next_token_logits(input_ids)  # a generation prefill: (batch, vocab)
 
 The program's experts come from its `.ptd` (whatever the last `swap-experts` wrote); `experts=`
 runs it with other expert tensors without touching the files (a patched copy of the `.ptd` in a
@@ -19,7 +21,7 @@ import torch
 
 from edge_runtime.artifacts.executorch_open import check_identity, open_checked, patched_data_file
 from edge_runtime.artifacts.executorch_runtime import InferenceProgram
-from edge_runtime.artifacts.inputs import check_token_ids
+from edge_runtime.artifacts.inputs import check_logit_positions, check_token_ids
 from edge_runtime.artifacts.manifest import KIND_ET_INFERENCE
 
 
@@ -42,13 +44,20 @@ class ExecuTorchInference:
         self._program: InferenceProgram | None = program
         self.vocab_size = int(self.manifest.data["base_model"]["vocab_size"])
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        seq = self.entry["dims"]["seq"]
+    def logits(self, input_ids: torch.Tensor, logit_positions: Any = None) -> torch.Tensor:
+        """Logits at `logit_positions` (default: every position) -> (batch, positions, vocab)."""
+        dims = self.entry["dims"]
         ids = check_token_ids(input_ids, what=f"{self.artifact} input_ids", batch=self.entry["batch"],
-                              seq_min=seq["min"], seq_max=seq["max"], vocab_size=self.vocab_size)
+                              seq_min=dims["seq"]["min"], seq_max=dims["seq"]["max"], vocab_size=self.vocab_size)
+        positions = check_logit_positions(logit_positions, what=f"{self.artifact} logit_positions",
+                                          seq_len=ids.shape[1], max_positions=dims["positions"]["max"])
         if self._program is None:
             raise RuntimeError(f"{self.artifact}: the program is closed.")
-        return self._program.run([ids])[0]
+        return self._program.run([ids, positions])[0]
+
+    def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prefill of generation: logits after the last token only -> (batch, vocab)."""
+        return self.logits(input_ids, [int(torch.as_tensor(input_ids).shape[-1]) - 1])[:, 0]
 
     def close(self) -> None:
         self._program = None

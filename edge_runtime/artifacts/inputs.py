@@ -37,6 +37,28 @@ def check_token_ids(ids: torch.Tensor, *, what: str, batch: int | None, seq_min:
     return ids.to(torch.int64).contiguous()
 
 
+def check_logit_positions(positions: Any, *, what: str, seq_len: int, max_positions: int) -> torch.Tensor:
+    """The positions an inference program computes logits for, as the int64 [P] tensor it takes.
+
+    None means every position (scoring); a generation prefill passes the last one, `[seq_len - 1]`.
+    Positions are checked here because an out-of-range index reaches a native gather.
+    """
+    if positions is None:
+        positions = torch.arange(seq_len)
+    elif not isinstance(positions, torch.Tensor):
+        positions = torch.as_tensor(np.asarray(positions))
+    if positions.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ArtifactInputError(f"{what} must be integer sequence positions, got dtype {positions.dtype}.")
+    if positions.dim() != 1 or not 1 <= positions.shape[0] <= max_positions:
+        raise ArtifactInputError(f"{what} must be a 1-D list of 1 to {max_positions} positions, got shape "
+                                 f"{tuple(positions.shape)}.")
+    low, high = int(positions.min()), int(positions.max())
+    if low < 0 or high >= seq_len:
+        raise ArtifactInputError(f"{what}: positions must be in [0, {seq_len}) for a sequence of {seq_len} "
+                                 f"tokens, got [{low}, {high}].")
+    return positions.to(torch.int64).contiguous()
+
+
 def check_experts(experts: Mapping[str, Any], parameters: Mapping[str, Mapping[str, Any]],
                   pluggable: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Validate replacement tensors (name -> tensor/array) against the manifest; float32 arrays out."""

@@ -11,10 +11,12 @@ The manifest is also the commit point of an export or a swap: files are written 
 new names first and the manifest is replaced atomically last, so a reader sees either the
 old complete set or the new complete set.
 
-Schema (format_version 1), top level:
+Schema (format_version 2), top level:
 
     format            "comigs-export"
-    format_version    1; a reader refuses any other value
+    format_version    2; a reader refuses any other value (version 1 inference programs took
+                      input_ids alone and returned logits at every position; version 2 ones also
+                      take the positions to compute logits for, see export.prepare.InferenceModule)
     export_id         random integer also embedded in every program (ties programs to this manifest)
     generation        0 after export, +1 per expert swap (file names carry it)
     created_at, updated_at   ISO-8601 UTC
@@ -39,7 +41,7 @@ from edge_runtime.artifacts.errors import ArtifactIntegrityError, ManifestError,
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "comigs-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Artifact kinds and the names `comigs export --formats` gives them.
 KIND_ET_INFERENCE = "executorch-inference"

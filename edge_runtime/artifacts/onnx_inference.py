@@ -2,7 +2,8 @@
 
     model = OnnxInference("artifacts/")                                  # experts from the files
     model = OnnxInference("artifacts/", experts={name: tensor, ...})     # experts replaced at load
-    logits = model.logits(input_ids)
+    logits = model.logits(input_ids)                       # (batch, seq) -> (batch, seq, vocab)
+    next_logits = model.next_token_logits(input_ids)       # a generation prefill: (batch, vocab)
 
 Replacing experts at load time uses `SessionOptions.add_initializer(initializer, OrtValue)` for
 every initializer the manifest maps the parameter to, **with ORT's ConstantFolding optimizer
@@ -22,7 +23,7 @@ import torch
 
 from edge_runtime.artifacts.errors import ArtifactInputError, ManifestVersionError
 from edge_runtime.artifacts.executorch_open import open_checked
-from edge_runtime.artifacts.inputs import check_experts, check_token_ids
+from edge_runtime.artifacts.inputs import check_experts, check_logit_positions, check_token_ids
 from edge_runtime.artifacts.manifest import (
     KIND_ONNX,
     ONNX_EXPORT_ID_KEY,
@@ -74,15 +75,23 @@ class OnnxInference:
         check_program_identity(self.manifest, artifact, version, export_id)
         self.vocab_size = int(self.manifest.data["base_model"]["vocab_size"])
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, logit_positions: Any = None) -> torch.Tensor:
+        """Logits at `logit_positions` (default: every position) -> (batch, positions, vocab)."""
         dims = self.entry["dims"]
         ids = check_token_ids(input_ids, what=f"{self.artifact} input_ids", batch=None,
                               seq_min=dims["seq"]["min"], seq_max=dims["seq"]["max"], vocab_size=self.vocab_size)
         if ids.shape[0] > dims["batch"]["max"]:
             raise ArtifactInputError(f"{self.artifact}: batch {ids.shape[0]} exceeds the exported maximum "
                                      f"{dims['batch']['max']}.")
-        (logits,) = self.session.run(["logits"], {"input_ids": np.ascontiguousarray(ids.numpy())})
+        positions = check_logit_positions(logit_positions, what=f"{self.artifact} logit_positions",
+                                          seq_len=ids.shape[1], max_positions=dims["positions"]["max"])
+        feeds = {"input_ids": np.ascontiguousarray(ids.numpy()), "logit_positions": positions.numpy()}
+        (logits,) = self.session.run(["logits"], feeds)
         return torch.from_numpy(logits)
+
+    def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prefill of generation: logits after the last token only -> (batch, vocab)."""
+        return self.logits(input_ids, [int(torch.as_tensor(input_ids).shape[-1]) - 1])[:, 0]
 
     def close(self) -> None:
         self.session = None

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.artifacts.errors import ArtifactIntegrityError
-from edge_runtime.artifacts.manifest import Manifest, dumps, sha256_path
+from edge_runtime.artifacts.manifest import FORMAT_VERSION, Manifest, dumps, sha256_path
 from edge_runtime.sync_client import SyncClient
 from sync_service import encoding as wire
 
@@ -151,7 +151,7 @@ def test_same_delta_from_java_and_python_is_stored_identically(jvm: Jvm, android
 
 
 def _export_dir(path: Path) -> Path:
-    """A minimal, valid comigs export directory (format_version 1) with two hashed files."""
+    """A minimal, valid comigs export directory (the current format_version) with two hashed files."""
     path.mkdir(parents=True)
     rng = np.random.default_rng(3)
     (path / "training.pte").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
@@ -162,7 +162,7 @@ def _export_dir(path: Path) -> Path:
     }
     manifest = {
         "format": "comigs-export",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "export_id": 123456789,
         "generation": 0,
         "base_model": {"model_type": "llama"},
@@ -212,7 +212,7 @@ def test_tampered_artifact_refused(jvm: Jvm, tmp_path: Path) -> None:
 
     manifest = json.loads((good / "manifest.json").read_text())
     for change, message in (
-        ({"format_version": 2}, "format_version 2"),
+        ({"format_version": FORMAT_VERSION + 1}, f"format_version {FORMAT_VERSION + 1}"),
         ({"files": {"../etc/passwd": {"sha256": "0" * 64, "bytes": 1}}}, "invalid file"),
     ):
         (good / "manifest.json").write_bytes(dumps({**manifest, **change}))

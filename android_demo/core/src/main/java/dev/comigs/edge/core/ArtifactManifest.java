@@ -12,14 +12,14 @@ import java.util.Set;
 import java.util.TreeMap;
 
 /**
- * manifest.json of an exported artifact directory (edge_runtime/artifacts/manifest.py, format_version 1):
+ * manifest.json of an exported artifact directory (edge_runtime/artifacts/manifest.py, format_version 2):
  * which files make up each artifact and every file's sha256 and size. Nothing is handed to ExecuTorch
  * before {@link #verify} passed, so a truncated download or a tampered file is refused with a clear error.
  */
 public final class ArtifactManifest {
   public static final String MANIFEST_FILE = "manifest.json";
   public static final String FORMAT_NAME = "comigs-export";
-  public static final long FORMAT_VERSION = 1;
+  public static final long FORMAT_VERSION = 2;
   private static final String[] REQUIRED_KEYS = {
     "format", "format_version", "export_id", "generation", "base_model", "comigs", "parameters", "artifacts", "files"
   };
