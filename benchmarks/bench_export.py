@@ -1,9 +1,13 @@
 """Exported SmolLM2 1G1S artifacts against eager PyTorch: prefill speed, training step, export times.
 
 (a) prefill tokens/s for 1 x 128 tokens: eager PyTorch vs ExecuTorch XNNPACK vs ONNX Runtime,
-    reported as speed-ups over eager;
-    with, measured in the same run, each runtime's matmul floor (`gemm_floor.py`: the base model's
-    linears alone with that runtime's GEMM kernels) and the speed-up bound it implies;
+    reported as speed-ups over eager. A prefill is what generation runs on a prompt: every token
+    through the blocks, the LM head on the last position only (the next token's logits). Eager
+    does it the way HF `generate` does (`logits_to_keep=1`), the artifacts with
+    `next_token_logits` (`logit_positions = [127]`). Scoring, the logits of all 128 positions
+    (what a perplexity needs), is measured too and reported beside it (no target);
+    with, measured in the same run, each runtime's matmul floor of the prefill (`gemm_floor.py`:
+    the base model's linears alone with that runtime's GEMM kernels) and the speed-up bound it implies;
 (b) one training step at batch 1 x 128 (forward, backward, AdamW on the program's trainable
     experts group): the ExecuTorch training program (its backend is read from the manifest) vs
     the eager model, time and peak RSS;
@@ -48,7 +52,8 @@ SEQ = 128
 TARGETS = {"et_infer_speedup": 1.5, "ort_infer_speedup": 1.5, "et_train_time_over_eager": 1.0,
            "et_train_rss_over_eager": 0.9}
 GEMM_RUNTIMES = ("eager", "executorch_xnnpack", "onnxruntime")  # gemm_floor.RUNTIMES, eager first
-WORKERS = ("infer-eager", "infer-et", "infer-ort", "train-eager", "train-et")
+INFER_RUNTIMES = ("eager", "et", "ort")
+WORKERS = (*(f"{task}-{rt}" for task in ("prefill", "score") for rt in INFER_RUNTIMES), "train-eager", "train-et")
 
 
 def reset_peak_rss() -> None:
@@ -112,26 +117,32 @@ def set_threads(threads: int, executorch: bool) -> None:
 def worker(mode: str, artifacts: Path, warmup: int, repeats: int, threads: int) -> dict[str, Any]:
     import torch
 
-    set_threads(threads, executorch=mode in ("infer-et", "train-et"))
+    set_threads(threads, executorch=mode.endswith("-et"))
+    task, runtime = mode.split("-", 1)
+    prefill = task == "prefill"  # else scoring: the logits of every position
 
-    if mode == "infer-eager":
+    if task in ("prefill", "score") and runtime == "eager":
         model, manifest = eager_model(artifacts)
         model.eval()
         ids, _ = batch(model.config.vocab_size, 0)
+        keep = 1 if prefill else 0  # HF: 1 = the last position (what generate asks for), 0 = all
 
         def run() -> None:
             with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
-    elif mode in ("infer-et", "infer-ort"):
+                model(input_ids=ids, use_cache=False, logits_to_keep=keep)
+    elif task in ("prefill", "score"):
         from edge_runtime.artifacts import ExecuTorchInference, Manifest, OnnxInference
 
         manifest = Manifest.load(artifacts)
-        program = (ExecuTorchInference(artifacts, "pte-xnnpack") if mode == "infer-et"
+        program = (ExecuTorchInference(artifacts, "pte-xnnpack") if runtime == "et"
                    else OnnxInference(artifacts, threads=threads))
         ids, _ = batch(int(manifest.data["base_model"]["vocab_size"]), 0)
 
         def run() -> None:
-            program.logits(ids)
+            if prefill:
+                program.next_token_logits(ids)
+            else:
+                program.logits(ids)
     elif mode == "train-eager":
         from edge_runtime.model.inject import language_model_loss
 
@@ -184,7 +195,7 @@ def run_worker(mode: str, artifacts: Path, warmup: int, repeats: int, threads: i
 def run_gemm_floor(runtime: str, artifacts: Path, threads: int) -> dict[str, Any]:
     """One runtime's matmul floor (`gemm_floor.py`), in a process of its own like the workers."""
     cmd = [sys.executable, str(Path(__file__).with_name("gemm_floor.py")), "--artifacts", str(artifacts),
-           "--runtime", runtime, "--tokens", str(SEQ), "--threads", str(threads)]
+           "--runtime", runtime, "--tokens", str(SEQ), "--head-tokens", "1", "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT)
     if out.returncode != 0:
         raise SystemExit(f"gemm floor {runtime} failed:\n{out.stderr[-3000:]}")
@@ -261,11 +272,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{artifacts} lacks {sorted(missing)}; export them or drop --artifacts.")
     load_before = os.getloadavg()[0]
     results = run_rounds(artifacts, args)
-    eager_s, et_s, ort_s = (results[m]["median_s"] for m in ("infer-eager", "infer-et", "infer-ort"))
+    eager_s, et_s, ort_s = (results[f"prefill-{rt}"]["median_s"] for rt in INFER_RUNTIMES)
+    score_s = {rt: results[f"score-{rt}"]["median_s"] for rt in INFER_RUNTIMES}
     floors = {runtime: run_gemm_floor(runtime, artifacts, args.threads)["seconds"] for runtime in GEMM_RUNTIMES}
     figures: dict[str, Any] = {
         "et_infer_speedup": eager_s / et_s,
         "ort_infer_speedup": eager_s / ort_s,
+        "et_score_speedup": score_s["eager"] / score_s["et"],
+        "ort_score_speedup": score_s["eager"] / score_s["ort"],
+        "score_s": {"eager": score_s["eager"], "executorch_xnnpack": score_s["et"], "onnxruntime": score_s["ort"]},
         "et_train_time_over_eager": results["train-et"]["median_s"] / results["train-eager"]["median_s"],
         "et_train_rss_over_eager": results["train-et"]["peak_rss_mb"] / results["train-eager"]["peak_rss_mb"],
         "prefill_tokens_per_s": {"eager": SEQ / eager_s, "executorch_xnnpack": SEQ / et_s, "onnxruntime": SEQ / ort_s},
@@ -318,6 +333,8 @@ def report(f: dict[str, Any]) -> str:
         f"                >= 1.5  {mark('et_infer_speedup')}",
         f"    ONNX Runtime           {tps['onnxruntime']:8.0f}   {f['ort_infer_speedup']:4.2f}"
         f"                >= 1.5  {mark('ort_infer_speedup')}",
+        f"    scoring (logits of all {SEQ} positions): eager {f['score_s']['eager']:.3f} s, ExecuTorch "
+        f"{f['et_score_speedup']:.2f}x, ONNX Runtime {f['ort_score_speedup']:.2f}x (no target)",
         "",
         "    matmuls alone (gemm_floor.py): the fastest a runtime's prefill can be on this CPU",
         "                            seconds   speed-up bound (eager prefill / floor)",

@@ -5,7 +5,8 @@ Why this exists: the same unchanged inference artifacts measured 2.05x (ExecuTor
 is almost all frozen-weight matmuls (34.4 of ~36.3 GFLOP for SmolLM2-135M 1G1S; attention scores and
 LoRA experts are the rest), so what a runtime's GEMM kernels reach *on this CPU* decides most of the
 answer. Here every frozen linear of one prefill (q, k, v, o, gate, up, down per
-block and the LM head) is timed in isolation with the benchmark's thread count, in each runtime:
+block on every token, and the LM head on the last token: a prefill wants the next token's logits
+only) is timed in isolation with the benchmark's thread count, in each runtime:
 
 * eager: `torch.nn.functional.linear` (MKL / oneDNN);
 * ExecuTorch: one `nn.Linear` lowered with the XNNPACK partitioner (XNNPACK's f32 GEMM);
@@ -19,6 +20,7 @@ head), so on a noisy machine the figure can exceed what the same matmuls cost in
 per-runtime ratio of the figures (same shapes, same threads, same run) is the robust reading.
 
     python benchmarks/gemm_floor.py --artifacts DIR [--runtime eager|executorch_xnnpack|onnxruntime]
+                                    [--tokens 128] [--head-tokens 1]
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc"})  # GPT-2's Conv1D: weigh
 TOKEN_EMBEDDINGS = frozenset({"embed_tokens", "wte"})  # also the LM head when the model ties them
 
 
-def prefill_linears(parameters: Iterable[Mapping[str, Any]]) -> Counter[Shape]:
-    """How many frozen linears of each (out, in) shape one forward runs, from the manifest's parameters.
+def prefill_linears(parameters: Iterable[Mapping[str, Any]]) -> tuple[Counter[Shape], Shape | None]:
+    """The frozen linears one forward runs, from the manifest's parameters: how many of each (out, in)
+    shape in the blocks, and the LM head's shape apart (a prefill runs it on the last token only).
 
     The manifest lists each parameter once, so a head tied to the token embedding (SmolLM2, GPT-2)
     has no `lm_head.weight` of its own: the embedding then counts as the head. Position embeddings,
@@ -55,25 +58,24 @@ def prefill_linears(parameters: Iterable[Mapping[str, Any]]) -> Counter[Shape]:
     """
     shapes: Counter[Shape] = Counter()
     embedding: Shape | None = None
-    has_head = False
+    head: Shape | None = None
     for p in parameters:
         parts = p["name"].split(".")
         if p["role"] != "frozen" or len(p["shape"]) != 2 or len(parts) < 2 or parts[-1] != "weight":
             continue
         rows, cols = (int(d) for d in p["shape"])
         leaf = parts[-2]
-        if leaf in LINEAR_LEAVES:
+        if leaf == "lm_head":
+            head = (rows, cols)
+        elif leaf in LINEAR_LEAVES:
             shapes[(rows, cols)] += 1
-            has_head = has_head or leaf == "lm_head"
         elif leaf in CONV1D_LEAVES:
             shapes[(cols, rows)] += 1
         elif leaf in TOKEN_EMBEDDINGS:
             embedding = (rows, cols)
-    if not has_head and embedding is not None:
-        shapes[embedding] += 1
     if not shapes:
         raise ValueError("the manifest lists no frozen linear weights of a known layout (Llama or GPT-2 names)")
-    return shapes
+    return shapes, head or embedding
 
 
 def _eager(shape: Shape, tokens: int) -> Callable[[], object]:
@@ -170,15 +172,33 @@ def gemm_floor(runtime: str, linears: Mapping[Shape, int], tokens: int, threads:
             "per_shape_s": {f"{s[0]}x{s[1]}": per_shape[s] for s in sorted(per_shape)}}
 
 
+def prefill_floor(runtime: str, parameters: Iterable[Mapping[str, Any]], tokens: int, head_tokens: int,
+                  threads: int) -> dict[str, Any]:
+    """`gemm_floor` of a whole prefill: the blocks' linears on `tokens` rows, the LM head on
+    `head_tokens` (1 for a generation prefill, `tokens` for scoring every position)."""
+    blocks, head = prefill_linears(parameters)
+    floor = gemm_floor(runtime, blocks, tokens, threads)
+    if head is not None and head_tokens > 0:
+        on_head = gemm_floor(runtime, Counter({head: 1}), head_tokens, threads)
+        floor["seconds"] += on_head["seconds"]
+        floor["gflop"] += on_head["gflop"]
+        floor["gflops_per_s"] = floor["gflop"] / floor["seconds"]
+        floor["per_shape_s"].update({f"head {k} x {head_tokens} tokens": v for k, v in on_head["per_shape_s"].items()})
+    return floor
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, required=True, help="an export directory (its manifest.json)")
     parser.add_argument("--runtime", choices=RUNTIMES, default="eager", help="default: %(default)s")
     parser.add_argument("--tokens", type=int, default=128, help="rows of each matmul (default: %(default)s)")
+    parser.add_argument("--head-tokens", type=int, default=1,
+                        help="rows of the LM head: 1 for a generation prefill (default), --tokens for scoring")
     parser.add_argument("--threads", type=int, default=2, help="default: %(default)s")
     args = parser.parse_args(argv)
     manifest = json.loads((args.artifacts / "manifest.json").read_text())
-    print(json.dumps(gemm_floor(args.runtime, prefill_linears(manifest["parameters"]), args.tokens, args.threads)))
+    print(json.dumps(prefill_floor(args.runtime, manifest["parameters"], args.tokens, args.head_tokens,
+                                   args.threads)))
     return 0
 
 

@@ -34,8 +34,19 @@ def test_the_floor_counts_every_frozen_linear_of_a_forward_including_a_tied_head
             expected[tuple(weight.shape)] += 1
         elif isinstance(module, Conv1D):  # GPT-2 stores [in, out]
             expected[(weight.shape[1], weight.shape[0])] += 1
-    assert model.config.tie_word_embeddings  # the head is the embedding: counted once, as a linear
-    assert gemm_floor.prefill_linears(parameter_table(model)) == expected
+    assert model.config.tie_word_embeddings  # the head is the embedding: counted once, apart
+    head = (model.config.vocab_size, model.config.hidden_size if arch == "llama" else model.config.n_embd)
+    expected[head] -= 1
+    assert gemm_floor.prefill_linears(parameter_table(model)) == (+expected, head)
+
+
+def test_a_prefill_runs_the_head_on_its_head_tokens_only() -> None:
+    parameters = [{"name": "model.layers.0.mlp.up_proj.weight", "role": "frozen", "shape": [24, 16]},
+                  {"name": "lm_head.weight", "role": "frozen", "shape": [40, 16]}]
+    floor = gemm_floor.prefill_floor("eager", parameters, tokens=8, head_tokens=1, threads=1)
+    assert set(floor["per_shape_s"]) == {"24x16", "head 40x16 x 1 tokens"}
+    assert floor["seconds"] == pytest.approx(sum(floor["per_shape_s"].values()))
+    assert floor["gflop"] == pytest.approx(2 * (8 * 24 * 16 + 1 * 40 * 16) / 1e9)
 
 
 @pytest.mark.parametrize("runtime", ["eager", "executorch_xnnpack", "onnxruntime"])

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from edge_runtime import cli
 from edge_runtime.artifacts import (
@@ -137,3 +138,17 @@ def test_inputs_outside_the_exported_shapes(gpt2_export):
             program.logits(token_ids((1, 4), 0) + 96)
         with pytest.raises(ArtifactInputError, match="integer token ids"):
             program.logits(token_ids((1, 4), 0).float())
+
+
+@pytest.mark.parametrize("artifact", ["pte-xnnpack", "onnx"])
+@pytest.mark.parametrize(("positions", "message"), [
+    ([4], r"positions must be in \[0, 4\) for a sequence of 4 tokens, got \[4, 4\]"),
+    ([-1], r"got \[-1, -1\]"),
+    (torch.zeros(0, dtype=torch.long), r"1-D list of 1 to 64 positions, got shape \(0,\)"),
+    ([[0, 1]], "1-D list"),
+    ([0.0, 1.0], "integer sequence positions"),
+])
+def test_logit_positions_outside_the_sequence(gpt2_export, artifact, positions, message):
+    with _open(gpt2_export.directory, artifact) as program:
+        with pytest.raises(ArtifactInputError, match=message):
+            program.logits(token_ids((1, 4), 0), positions)

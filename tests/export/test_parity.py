@@ -36,6 +36,21 @@ def test_logits_match_eager_at_every_length(exported, artifact):
             assert max_diff(program.logits(ids), eager_logits(model, ids)) <= TOL, (artifact, seq)
 
 
+@pytest.mark.parametrize("artifact", INFERENCE)
+def test_logits_only_at_the_positions_asked_for(exported, artifact):
+    """A generation prefill asks for the last position only; any subset, in any order, is the
+    matching rows of the full logits (eager's), and the program returns nothing else."""
+    ids = token_ids((1, 11), seed=5)
+    full = eager_logits(exported.eager(), ids)
+    with load(exported.directory, artifact) as program:
+        for positions in ([10], [3, 0, 10, 3], list(range(11))):
+            logits = program.logits(ids, positions)
+            assert logits.shape == (1, len(positions), full.shape[-1])
+            assert max_diff(logits, full[:, positions]) <= TOL, (artifact, positions)
+        next_logits = program.next_token_logits(ids)
+        assert next_logits.shape == (1, full.shape[-1]) and max_diff(next_logits, full[:, -1]) <= TOL
+
+
 def test_onnx_takes_any_batch(exported):
     ids = token_ids((3, 5), seed=4)
     with OnnxInference(exported.directory) as program:
