@@ -14,7 +14,9 @@ import org.pytorch.executorch.training.TrainingModule
  * does. So generation runs the training program's forward/backward (output 1 = logits [batch, seq_len,
  * vocab]) on a right-padded window and reads the logits at the last real position (the model is causal,
  * so padding after it changes nothing). It costs a backward pass per token: a demo, not a chat app.
- * Switch to the inference .pte once the Java Module API accepts a data path.
+ * Switch to the inference .pte once the Java Module API accepts a data path: its forward takes
+ * (input_ids [batch, seq], logit_positions [P]) and a prefill passes the last position only, so the
+ * LM head runs on one row (export/README.md, manifest format_version 2).
  */
 class ExecuTorchGenerator(private val files: DeviceFiles, private val tokenizer: ByteLevelBpe) : Generator {
     override fun generate(prompt: String, maxNewTokens: Int): String {
