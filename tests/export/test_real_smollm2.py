@@ -42,6 +42,7 @@ def test_smollm2_1g1s_exports_to_every_format(tmp_path):
                    else ExecuTorchInference(manifest.directory, artifact))
         with program:
             assert (program.logits(ids) - reference).abs().max() <= 1e-3, artifact
+            assert (program.next_token_logits(ids) - reference[:, -1]).abs().max() <= 1e-3, artifact
     targets = torch.randint(0, model.config.vocab_size, (1, 64), generator=generator)
     inputs = torch.randint(0, model.config.vocab_size, (1, 64), generator=generator)
     with ExecuTorchTrainer(manifest.directory) as trainer:
