@@ -4,8 +4,8 @@ Importing this package is cheap: ExecuTorch and ONNX Runtime are imported when a
 created. Public API:
 
 - `Manifest.load(dir)`, `Manifest.verify(...)`: the artifact directory's description and hashes
-- `ExecuTorchInference(dir, "pte" | "pte-xnnpack")`: run an inference program (`logits(ids,
-  positions=None)`: logits at the positions asked for, all by default; `next_token_logits(ids)`:
+- `ExecuTorchInference(dir, "pte" | "pte-xnnpack")`: run an inference program (`logits(ids, logit_positions=None)`:
+  logits at the positions asked for, all by default; `next_token_logits(ids)`:
   a generation prefill, the LM head on the last position only; the same on `OnnxInference`)
 - `ExecuTorchTrainer(dir, "pte-train")`: bi-level training steps with AdamW over the program's weights
 - `OnnxInference(dir)`: ONNX Runtime session, optionally with experts swapped in at load
