@@ -245,6 +245,10 @@ class SyncClient:
             ("grpc.max_send_message_length", 8 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
+            # Each channel owns its connection. With gRPC's default global subchannel pool, a channel
+            # opened right after `close()` can pick up the closing channel's still-live connection,
+            # so hanging up (while queued, after an upload) would keep the TLS state on the server.
+            ("grpc.use_local_subchannel_pool", 1),
             *channel_options,
         ]
         if insecure:

@@ -379,6 +379,22 @@ def test_a_device_gives_up_waiting_for_a_slot_at_its_transfer_timeout() -> None:
     assert 3 <= older.calls["AcquireUploadSlot"] <= 6 and older.calls["UploadDelta"] == 0
 
 
+def test_a_closed_client_never_reuses_its_old_connection() -> None:
+    """After every acknowledged upload the client closes its connection; the next upload must open a
+    new one. gRPC's global subchannel pool would hand a new channel the closing one's live connection
+    (~13 % of quick close/reopen cycles here), keeping its TLS state on the coordinator."""
+    older = _OlderCoordinator()
+    try:
+        client = older.client()
+        for i in range(20):
+            assert client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key=f"k{i}").upload_id
+        client.close()
+    finally:
+        older.stop()
+    assert older.calls["UploadDelta"] == 20
+    assert older.relay.accepted == 20
+
+
 @pytest.mark.parametrize("retry_after_ms, hangs_up", [(100, False), (1500, True)])
 def test_a_device_queued_for_a_second_or_more_hangs_up_until_it_asks_again(retry_after_ms, hangs_up) -> None:
     answers = iter([pb.AcquireUploadSlotResponse(granted=False, retry_after_ms=retry_after_ms, queue_position=30,
