@@ -304,8 +304,8 @@ class _OlderCoordinator:
 class _ConnectionCountingRelay:
     """A TCP relay in front of a server that counts the connections clients open.
 
-    Counting accepts is the only reliable sign of a new connection: the server-side peer address is
-    not, because Linux hands a loopback client its previous ephemeral port again (tcp_tw_reuse=2).
+    Counting accepts is the sure sign of a new connection; a server-side peer address can repeat
+    (Linux may hand a loopback client a closed connection's ephemeral port again, tcp_tw_reuse=2).
     """
 
     def __init__(self, backend_port: int) -> None:
