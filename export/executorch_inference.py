@@ -34,7 +34,7 @@ from export.graph_rewrites import (
     split_expert_selects,
     transposed_weights_to_linear,
 )
-from export.prepare import PROGRAM_PREFIX, InferenceModule, canonical_name
+from export.prepare import PROGRAM_PREFIX, InferenceModule, canonical_name, inference_example
 from export.selection_matmuls import selections_to_linear
 
 Backend = Literal["portable", "xnnpack"]
@@ -44,9 +44,7 @@ EXAMPLE_SEQ = 16
 def _export(wrapper: nn.Module, batch: int, max_seq_len: int) -> tuple[Any, tuple[torch.Tensor, ...], Any]:
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
     positions = torch.export.Dim("positions", min=1, max=max_seq_len)
-    example_seq = min(EXAMPLE_SEQ, max_seq_len)
-    # fewer example positions than tokens: equal sizes would tie the two dimensions together
-    example = (torch.zeros(batch, example_seq, dtype=torch.long), torch.arange(1, example_seq))
+    example = inference_example(batch, min(EXAMPLE_SEQ, max_seq_len))
     dynamic = ({1: seq}, {0: positions})
     return torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=False), example, dynamic
 

@@ -37,7 +37,7 @@ from edge_runtime.artifacts.layout import data_file, onnx_base_data_file, onnx_m
 from edge_runtime.artifacts.manifest import FORMAT_VERSION, KIND_ONNX, ONNX_EXPORT_ID_KEY, ONNX_FORMAT_VERSION_KEY
 from export.errors import ExportError
 from export.onnx_rewrites import divide_by_roots
-from export.prepare import PROGRAM_PREFIX, InferenceModule, stack_experts
+from export.prepare import PROGRAM_PREFIX, InferenceModule, inference_example, stack_experts
 
 ALIGNMENT = 64
 EXAMPLE_SHAPE = (2, 16)  # batch 2: an example batch of 1 would specialise the batch dimension to 1
@@ -73,8 +73,7 @@ def export_onnx(model: nn.Module, *, fmt: str, max_batch: int, max_seq_len: int,
     batch_dim = torch.export.Dim("batch", min=1, max=max_batch)
     seq_dim = torch.export.Dim("seq", min=1, max=max_seq_len)
     positions_dim = torch.export.Dim("positions", min=1, max=max_seq_len)
-    # fewer example positions than tokens: equal sizes would tie the two dimensions together
-    example = (torch.zeros(*EXAMPLE_SHAPE, dtype=torch.long), torch.arange(1, EXAMPLE_SHAPE[1]))
+    example = inference_example(*EXAMPLE_SHAPE)
     with torch.no_grad(), stack_experts(model):
         program = torch.onnx.export(wrapper, example, None, dynamo=True, optimize=False, verbose=False,
                                     dynamic_shapes=({0: batch_dim, 1: seq_dim}, {0: positions_dim}),

@@ -56,6 +56,12 @@ class InferenceModule(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=logit_positions).logits
 
 
+def inference_example(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Example `(input_ids, logit_positions)` to trace `InferenceModule` with. One position fewer
+    than tokens: equal example sizes would tie the two dynamic dimensions together."""
+    return torch.zeros(batch, seq, dtype=torch.long), torch.arange(1, seq)
+
+
 def training_module(model: nn.Module) -> nn.Module:
     """`forward(input_ids, targets) -> (loss, logits)` with the loss as output 0 (what ExecuTorch's
     training export differentiates); the loss includes the load-balancing term."""

@@ -21,7 +21,7 @@ import torch
 
 from edge_runtime.artifacts.executorch_open import check_identity, open_checked, patched_data_file
 from edge_runtime.artifacts.executorch_runtime import InferenceProgram
-from edge_runtime.artifacts.inputs import check_logit_positions, check_token_ids
+from edge_runtime.artifacts.inputs import check_logit_positions, check_token_ids, last_position
 from edge_runtime.artifacts.manifest import KIND_ET_INFERENCE
 
 
@@ -57,7 +57,7 @@ class ExecuTorchInference:
 
     def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The prefill of generation: logits after the last token only -> (batch, vocab)."""
-        return self.logits(input_ids, [int(torch.as_tensor(input_ids).shape[-1]) - 1])[:, 0]
+        return self.logits(input_ids, last_position(input_ids))[:, 0]
 
     def close(self) -> None:
         self._program = None

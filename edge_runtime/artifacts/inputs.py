@@ -59,6 +59,11 @@ def check_logit_positions(positions: Any, *, what: str, seq_len: int, max_positi
     return positions.to(torch.int64).contiguous()
 
 
+def last_position(input_ids: Any) -> list[int]:
+    """`logit_positions` of a generation prefill: the last token's position only."""
+    return [int(torch.as_tensor(input_ids).shape[-1]) - 1]
+
+
 def check_experts(experts: Mapping[str, Any], parameters: Mapping[str, Mapping[str, Any]],
                   pluggable: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Validate replacement tensors (name -> tensor/array) against the manifest; float32 arrays out."""

@@ -23,7 +23,7 @@ import torch
 
 from edge_runtime.artifacts.errors import ArtifactInputError, ManifestVersionError
 from edge_runtime.artifacts.executorch_open import open_checked
-from edge_runtime.artifacts.inputs import check_experts, check_logit_positions, check_token_ids
+from edge_runtime.artifacts.inputs import check_experts, check_logit_positions, check_token_ids, last_position
 from edge_runtime.artifacts.manifest import (
     KIND_ONNX,
     ONNX_EXPORT_ID_KEY,
@@ -91,7 +91,7 @@ class OnnxInference:
 
     def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The prefill of generation: logits after the last token only -> (batch, vocab)."""
-        return self.logits(input_ids, [int(torch.as_tensor(input_ids).shape[-1]) - 1])[:, 0]
+        return self.logits(input_ids, last_position(input_ids))[:, 0]
 
     def close(self) -> None:
         self.session = None
