@@ -15,6 +15,9 @@ only) is timed in isolation with the benchmark's thread count, in each runtime:
 The sum over a prefill's linears is a floor: a runtime cannot run the prefill faster than its matmuls,
 so `eager prefill seconds / floor` bounds the speed-up over eager that the runtime can reach on this
 machine, whatever the graph around the matmuls does. Attention matmuls and LoRA experts are left out.
+The exported programs do less than this on Llama-family models: their last block computes only the rows
+whose logits are asked for (`export/last_block.py`; keys and values still on every token), so their true
+floor is about 1/L lower (L blocks); eager, like HF, runs every block on every token.
 Approximate, not exact: each isolated call also pays a runtime call and an output copy (25 MB for the
 head), so on a noisy machine the figure can exceed what the same matmuls cost inside a program; the
 per-runtime ratio of the figures (same shapes, same threads, same run) is the robust reading.

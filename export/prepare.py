@@ -26,6 +26,7 @@ from torch import nn
 from edge_runtime.model.config import CoMiGSConfig
 from edge_runtime.model.inject import LossModule, comigs_config, moe_layers
 from export import grouped_attention
+from export.last_block import last_block_at
 
 PROGRAM_PREFIX = "model."
 
@@ -45,7 +46,8 @@ class InferenceModule(nn.Module):
     matmul of a small model (vocab x hidden: a fifth of SmolLM2-135M's prefill FLOPs at T = 128) and
     most callers need one row of it: a generation prefill asks for the last position only, scoring
     (perplexity) for all of them. It is HF's own `logits_to_keep` (which `generate` sets to the last
-    position), passed as an index tensor so one program serves both.
+    position), passed as an index tensor so one program serves both. Where the model allows it,
+    the rows are selected inside the last block rather than at the head (`export.last_block`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -53,7 +55,9 @@ class InferenceModule(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, logit_positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=logit_positions).logits
+        with last_block_at(self.model, logit_positions) as selected:
+            keep = 0 if selected else logit_positions  # HF: 0 keeps every row the blocks returned
+            return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
 
 
 def inference_example(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
