@@ -18,8 +18,9 @@ the override. `edge_runtime.artifacts.OnnxInference` does exactly that.
 
 The mixture of experts is traced in its batched form (`export.prepare.stack_experts`: a few
 wide kernels per layer instead of a dozen rank-r ones per expert, which ORT runs faster), and the
-graph gets one rewrite before it is written (`onnx_rewrites.divide_by_roots`): RMSNorm's
-`x * Reciprocal(Sqrt(v))` becomes `x / Sqrt(v)`, the form ORT fuses into one kernel.
+graph gets two rewrites before it is written (`onnx_rewrites`): RMSNorm's `x * Reciprocal(Sqrt(v))`
+becomes `x / Sqrt(v)`, the form ORT fuses into one kernel, and each RoPE chain becomes ORT's
+`com.microsoft.RotaryEmbedding` kernel (so the file needs ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from edge_runtime.artifacts import ptd
 from edge_runtime.artifacts.layout import data_file, onnx_base_data_file, onnx_model_file
 from edge_runtime.artifacts.manifest import FORMAT_VERSION, KIND_ONNX, ONNX_EXPORT_ID_KEY, ONNX_FORMAT_VERSION_KEY
 from export.errors import ExportError
-from export.onnx_rewrites import divide_by_roots
+from export.onnx_rewrites import divide_by_roots, fuse_rotary_embeddings
 from export.prepare import PROGRAM_PREFIX, InferenceModule, inference_example, stack_experts
 
 ALIGNMENT = 64
@@ -81,6 +82,7 @@ def export_onnx(model: nn.Module, *, fmt: str, max_batch: int, max_seq_len: int,
     proto = program.model_proto
     del program
     divided = divide_by_roots(proto)  # lets ORT fuse each RMSNorm into one kernel
+    rotary = fuse_rotary_embeddings(proto)  # one ORT kernel per RoPE instead of seven
     params = {PROGRAM_PREFIX + n: p for n, p in model.named_parameters()}
     params.update({PROGRAM_PREFIX + n: b for n, b in model.named_buffers()})
     expert_inits, base_inits = [], []
@@ -124,7 +126,7 @@ def export_onnx(model: nn.Module, *, fmt: str, max_batch: int, max_seq_len: int,
         "dims": {"batch": {"min": 1, "max": max_batch}, "seq": {"min": 1, "max": max_seq_len},
                  "positions": {"min": 1, "max": max_seq_len}},
         "opset": opset,
-        "graph_rewrites": {"divide_by_roots": divided},
+        "graph_rewrites": {"divide_by_roots": divided, "rotary_embeddings": rotary},
         "pluggable": found,
         "session_options": {"disabled_optimizers": ["ConstantFolding"],
                             "why": "add_initializer overrides are ignored where ConstantFolding folded the "
