@@ -28,7 +28,7 @@ from .android_helpers import (
     sigkill,
     wait_for_event,
 )
-from tests.sync.sync_helpers import FAST_RETRY, Tls, make_delta, make_generalist
+from tests.sync.sync_helpers import FAST_RETRY, ConnectionCountingRelay, Tls, make_delta, make_generalist
 
 JAVA = "java-phone"
 
@@ -174,4 +174,26 @@ def test_killed_java_device_resumes_without_duplicate(jvm: Jvm, android_tls: Tls
         assert final["acknowledged"] is True and final["key"] == persisted["key"]
         assert not (state.parent / entry["payload_file"]).exists()  # cleaned up after the acknowledgement
     finally:
+        served.close()
+
+
+def test_java_device_hangs_up_after_every_acknowledged_upload(jvm: Jvm, android_tls: Tls, tmp_path: Path) -> None:
+    """After an upload is acknowledged the Java client closes its connection (`enterIdle`), so the
+    coordinator does not keep the TLS state of a connection that carried a delta while the device
+    waits for the next round; its next call reconnects. Counted at a TCP relay: one JVM process, three
+    rounds, at least one connection per round (a client that kept its connection would open one)."""
+    rounds = 3
+    served = serve(tmp_path, android_tls, [JAVA], make_generalist(0),
+                   ["--min-devices", "1", "--round-timeout", "60", "--rounds", str(rounds)])
+    relay = ConnectionCountingRelay(served.server.port)
+    args = java_client_args(served, android_tls, JAVA)
+    args[args.index("--target") + 1] = f"127.0.0.1:{relay.port}"  # through the relay
+    try:
+        result = jvm.run("run", *args, "--state", str(tmp_path / "java" / "state.json"), "--rounds", str(rounds),
+                         "--seed", "1", "--idle-timeout-ms", "60000")
+        assert result.returncode == 0, (result.events, result.stderr)
+        assert [e["round"] for e in result.of("uploaded")] == list(range(1, rounds + 1))
+        assert relay.accepted >= rounds, f"{relay.accepted} connection(s) for {rounds} acknowledged uploads"
+    finally:
+        relay.close()
         served.close()

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -291,3 +292,45 @@ class ServerProcess:
             return self.process.wait(timeout)
         finally:
             self._log.close()
+
+
+class ConnectionCountingRelay:
+    """A TCP relay in front of a server that counts the connections clients open.
+
+    Counting accepts is the sure sign of a new connection; a server-side peer address can repeat
+    (Linux may hand a loopback client a closed connection's ephemeral port again, tcp_tw_reuse=2).
+    """
+
+    def __init__(self, backend_port: int) -> None:
+        self.accepted = 0
+        self._backend = ("127.0.0.1", backend_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            self.accepted += 1
+            backend = socket.create_connection(self._backend)
+            for source, sink in ((client, backend), (backend, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):  # either side's close ends both directions
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._listener.close()

@@ -15,7 +15,7 @@ from sync_service.config import RoundConfig, ServerConfig
 from sync_service.proto import sync_pb2 as pb
 from sync_service.proto import sync_pb2_grpc as pb_grpc
 
-from .sync_helpers import StalledUpload, make_delta, upload_header
+from .sync_helpers import ConnectionCountingRelay, StalledUpload, make_delta, upload_header
 
 
 class Clock:
@@ -289,7 +289,7 @@ class _OlderCoordinator:
         pb_grpc.add_SyncServiceServicer_to_server(Servicer(), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
-        self.relay = _ConnectionCountingRelay(self.port)
+        self.relay = ConnectionCountingRelay(self.port)
 
     def client(self, **kwargs):  # type: ignore[no-untyped-def]
         from edge_runtime.sync_client import SyncClient
@@ -299,54 +299,6 @@ class _OlderCoordinator:
     def stop(self) -> None:
         self.server.stop(0)
         self.relay.close()
-
-
-class _ConnectionCountingRelay:
-    """A TCP relay in front of a server that counts the connections clients open.
-
-    Counting accepts is the sure sign of a new connection; a server-side peer address can repeat
-    (Linux may hand a loopback client a closed connection's ephemeral port again, tcp_tw_reuse=2).
-    """
-
-    def __init__(self, backend_port: int) -> None:
-        import socket
-
-        self.accepted = 0
-        self._backend = ("127.0.0.1", backend_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:  # closed
-                return
-            self.accepted += 1
-            backend = socket.create_connection(self._backend)
-            for source, sink in ((client, backend), (backend, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source, sink) -> None:  # type: ignore[no-untyped-def]
-        import socket
-
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for end in (source, sink):  # either side's close ends both directions
-            try:
-                end.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def test_a_coordinator_without_admission_is_asked_once_then_never_again() -> None:
