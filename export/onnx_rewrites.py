@@ -43,7 +43,7 @@ def divide_by_roots(model: Any) -> int:
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
-    producers = {output: node for node in graph.node for output in node.output}
+    producers = _producers(graph)
     outputs = {o.name for o in graph.output}
     removed = []
     for node in graph.node:
