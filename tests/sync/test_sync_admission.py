@@ -10,7 +10,7 @@ import pytest
 
 from edge_runtime.sync_client import RetryPolicy
 from sync_service import encoding
-from sync_service.admission import EARLY, MAX_RETRY_S, MIN_RETRY_S, UploadSlots
+from sync_service.admission import EARLY, INITIAL_STREAM_S, MAX_RETRY_S, MIN_RETRY_S, UploadSlots
 from sync_service.config import RoundConfig, ServerConfig
 from sync_service.proto import sync_pb2 as pb
 from sync_service.proto import sync_pb2_grpc as pb_grpc
@@ -123,15 +123,53 @@ def test_the_retry_hint_follows_measured_stream_times_and_stays_bounded() -> Non
     measured = UploadSlots(4, initial_stream_s=1.0, clock=clock)
     for device in "abcd":
         measured.enter(device)
-    for _ in range(30):  # streams turn out to take 0.2 s: slots free up five times faster
-        clock.now += 0.2
-        measured.leave("a")
-        assert measured.enter("a").granted
+        clock.now += 0.05
+    for i in range(30):  # streams turn out to take 0.2 s: slots free up five times faster
+        device = "abcd"[i % 4]
+        measured.leave(device)
+        assert measured.enter(device).granted
+        clock.now += 0.05
     assert measured.acquire("w0").retry_after_s == pytest.approx(EARLY * 0.05, rel=0.05)
     assert measured.acquire("w1").retry_after_s == pytest.approx(EARLY * 0.10, rel=0.05)
     many = UploadSlots(1, initial_stream_s=1.0, clock=clock)
     many.enter("busy")
     assert max(many.acquire(f"q{i}").retry_after_s for i in range(60)) == MAX_RETRY_S
+
+
+def test_a_burst_of_devices_is_paced_optimistically_before_any_stream_has_finished() -> None:
+    # The hints given to a burst fix the round's pace: a pessimistic guess left slots idle while
+    # devices slept (200 devices, 12 slots: 2 streams on average, benchmarks/RESULTS.md).
+    clock = Clock()
+    slots = UploadSlots(12, clock=clock)
+    grants = [slots.acquire(f"d{i}") for i in range(200)]
+    assert sum(g.granted for g in grants) == 12
+    assert max(g.retry_after_s for g in grants if not g.granted) == pytest.approx(EARLY * 188 * INITIAL_STREAM_S / 12)
+    assert INITIAL_STREAM_S <= 0.25
+
+
+def test_streams_running_longer_than_the_estimate_stretch_the_hints_before_they_finish() -> None:
+    clock = Clock()
+    slots = UploadSlots(4, initial_stream_s=0.25, clock=clock)
+    for device in "abcd":
+        slots.enter(device)
+    clock.now = 3.0  # a slow link: nothing has finished after 3 s
+    assert slots.acquire("w0").retry_after_s == pytest.approx(EARLY * 3.0 / 4)
+
+
+def test_one_stalled_stream_does_not_stretch_everyone_s_hints() -> None:
+    clock = Clock()
+    slots = UploadSlots(4, clock=clock)
+    slots.enter("stalled")
+    for i in range(40):  # three slots cycle at 0.3 s while one device's stream hangs
+        device = f"fast{i % 3}"
+        slots.enter(device)
+        clock.now += 0.1
+        if i >= 2:
+            slots.leave(f"fast{(i - 2) % 3}")
+    slots.leave("stalled")  # 4 s, far longer than the others
+    slots.enter("next")
+    slots.enter("after")  # every slot busy again
+    assert slots.acquire("w0").retry_after_s == pytest.approx(EARLY * 0.3 / 4, rel=0.05)
 
 
 def test_the_head_of_the_queue_waits_in_the_server_and_gets_a_freed_slot_at_once() -> None:
@@ -258,7 +296,7 @@ def test_admission_off_grants_at_once(coordinator_factory) -> None:
 class _OlderCoordinator:
     """A real gRPC server speaking an older (or stricter) SyncService: only what the test defines."""
 
-    def __init__(self, acquire=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, acquire=None, get_task=None) -> None:  # type: ignore[no-untyped-def]
         from concurrent import futures
 
         self.calls = {"AcquireUploadSlot": 0, "UploadDelta": 0}
@@ -269,6 +307,9 @@ class _OlderCoordinator:
                 calls["UploadDelta"] += 1
                 received = sum(len(m.chunk.data) for m in request_iterator)
                 return pb.UploadDeltaResponse(round_id=1, upload_id="u", accepted_bytes=received)
+
+            def GetTask(self, request, context):  # noqa: N802 - gRPC method name
+                return get_task(request) if get_task is not None else pb.GetTaskResponse(action=pb.ACTION_TRAIN)
 
         if acquire is not None:
 
@@ -388,3 +429,19 @@ def test_an_idle_connection_is_closed_and_the_device_reconnects_on_its_next_call
         time.sleep(0.05)
     assert stub.GetTask(pb.GetTaskRequest(), metadata=metadata, timeout=10).action == pb.ACTION_TRAIN
     channel.close()
+
+
+@pytest.mark.parametrize("retry_after_ms, hangs_up", [(100, False), (1500, True)])
+def test_a_device_told_to_wait_a_second_or_more_for_its_task_hangs_up_meanwhile(retry_after_ms, hangs_up) -> None:
+    answers = iter([pb.GetTaskResponse(action=pb.ACTION_WAIT, retry_after_ms=retry_after_ms),
+                    pb.GetTaskResponse(action=pb.ACTION_TRAIN, round_id=3)])
+    older = _OlderCoordinator(get_task=lambda request: next(answers))
+    slept: list[float] = []
+    try:
+        client = older.client(sleep=slept.append)
+        assert client.wait_for_task().round_id == 3
+        client.close()
+    finally:
+        older.stop()
+    assert slept == [retry_after_ms / 1000]
+    assert older.relay.accepted == (2 if hangs_up else 1)
