@@ -22,8 +22,9 @@ Encodings of a delta, declared in the upload header and in ``__metadata__["encod
   ``scale = float32(max|x|) / 127`` (float32 arithmetic), ``q = clip(rint(x / scale), -127, 127)``
   (round half to even), and ``x' = float32(q) * scale``; an all-zero tensor or row has scale 0.
 
-The decoder is incremental (`PayloadDecoder`), so the server validates an upload while it streams in and
-never holds more than one tensor of it in memory.
+The decoder is incremental (`PayloadDecoder`): fed any slicing of the bytes, it never holds more than
+one tensor; the server checks an upload's header as it streams in and its values in large blocks once
+it is complete.
 """
 
 from __future__ import annotations
@@ -396,6 +397,21 @@ class PayloadDecoder:
     @property
     def complete(self) -> bool:
         return self._stage == "done"
+
+    def feed_header(self, data: bytes | memoryview) -> int:
+        """Feed only the bytes the JSON header still needs (checking it); return how many were used.
+
+        Lets a receiver check the header as soon as the first bytes arrive and `feed` the tensor data
+        later, in pieces of its choosing (the coordinator validates values in large blocks once an upload
+        is complete: see sync_service/ingest.py).
+        """
+        view = memoryview(data).cast("B")
+        used = 0
+        while self._stage in ("length", "header") and used < len(view):
+            take = min(self._need - len(self._buffer), len(view) - used)
+            self.feed(view[used : used + take])
+            used += take
+        return used
 
     def feed(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")

@@ -373,9 +373,10 @@ class SyncServicer(pb_grpc.SyncServiceServicer):
                         f"chunk {chunk.seq} has offset {chunk.offset}, expected {receiver.received}",
                         "bad_stream",
                     )
-                if not chunk.data:
+                data = chunk.data  # each access copies the bytes
+                if not data:
                     raise invalid(f"chunk {chunk.seq} is empty", "bad_stream")
-                receiver.feed(chunk.data)
+                receiver.feed(data)
                 expected_seq += 1
             # The slot bounds what streams in; the fsyncs and the commit below hold no network buffers,
             # so the next device may start sending while this upload is made durable.

@@ -1,7 +1,8 @@
 """Ingest internals that the benchmark tuning touched: vectorised validation runs and group commit.
 
-* Validation hands runs of whole tensors to numpy at once; the norm (and so the clipping factor) must not
-  depend on how the client chunked the stream, and errors must still name the first offending tensor.
+* The header is checked as the stream arrives, the values once it is complete, read back in blocks whose
+  whole tensors go to numpy at once; the norm (and so the clipping factor) must depend neither on how the
+  client chunked the stream nor on the block size, and errors must still name the first offending tensor.
 * Uploads that finish together are committed in one SQLite transaction; every caller must still get its
   own acknowledgement only after its row is durable, and the one-upload-per-device rules must hold.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from sync_service import encoding as enc
+from sync_service import ingest
 from sync_service.auth import add_device
 from sync_service.config import RoundConfig
 from sync_service.errors import SyncError
@@ -49,12 +51,16 @@ def store(tmp_path: Path) -> Iterator[Store]:
     store.close()
 
 
-def _receive(store: Store, payload: bytes, chunk: int, encoding: str = "fp32") -> float:
+def _receive(store: Store, payload: bytes, chunk: int, encoding: str = "fp32", block: int | None = None) -> float:
+    """Stream `payload` in `chunk`-byte pieces into a receiver that verifies it in `block`-byte reads."""
     receiver = UploadReceiver(store.tmp_dir, _request("dev", payload, encoding), store.manifest, 1 << 20)
     try:
-        for offset in range(0, len(payload), chunk):
-            receiver.feed(payload[offset : offset + chunk])
-        return receiver.finish().update_norm
+        with pytest.MonkeyPatch.context() as patch:
+            if block is not None:
+                patch.setattr(ingest, "VERIFY_BLOCK_BYTES", block)
+            for offset in range(0, len(payload), chunk):
+                receiver.feed(payload[offset : offset + chunk])
+            return receiver.finish().update_norm
     finally:
         receiver.discard()
 
@@ -64,6 +70,7 @@ def test_norm_is_bit_identical_whatever_the_chunking(store: Store, encoding: str
     delta = make_delta(3, dyadic=False)
     payload = enc.encode(delta, encoding)
     norms = {_receive(store, payload, chunk, encoding) for chunk in (7, 1000, 4096, 65536, len(payload))}
+    norms |= {_receive(store, payload, 4096, encoding, block) for block in (1, 7, 1000, 4096, 65536)}
     assert len(norms) == 1
     decoded = enc.decode(payload)
     expected = np.sqrt(sum(float(np.sum(decoded[n].astype(np.float64) ** 2)) for n in decoded))
@@ -82,18 +89,34 @@ def test_norm_survives_a_float32_sum_of_squares_that_overflows(store: Store) -> 
     assert norms.pop() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [64, 4096, 1 << 20])
+@pytest.mark.parametrize("block", [64, 4096, 1 << 20])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
-def test_non_finite_value_names_its_tensor_in_runs_and_split_tensors(store: Store, chunk: int, bad: float) -> None:
+def test_non_finite_value_names_its_tensor_in_runs_and_split_tensors(store: Store, block: int, bad: float) -> None:
     delta = make_delta(4)
     names = sorted(generalist_shapes())
     target = names[len(names) // 2]
     delta[target].flat[5] = bad
     payload = enc.encode(delta, "fp32")
     with pytest.raises(SyncError) as info:
-        _receive(store, payload, chunk)
+        _receive(store, payload, 4096, block=block)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert repr(target) in info.value.message
+
+
+def test_a_bad_header_is_refused_as_it_arrives_before_the_data(store: Store) -> None:
+    delta = make_delta(4)
+    delta["model.layers.0.mlp.router.weight"] = np.zeros((2, 4), np.float32)  # never exchanged
+    payload = enc.encode(delta, "fp32")
+    header_end = 8 + int.from_bytes(payload[:8], "little")
+    receiver = UploadReceiver(store.tmp_dir, _request("dev", payload), store.manifest, 1 << 20)
+    try:
+        receiver.feed(payload[:5])  # not even the length yet
+        with pytest.raises(SyncError) as info:
+            receiver.feed(payload[5:header_end])
+    finally:
+        receiver.discard()
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "router.weight" in info.value.message and "unknown tensor" in info.value.message
 
 
 def test_decoder_runs_cover_every_tensor_once_in_data_order() -> None:
