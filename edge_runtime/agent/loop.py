@@ -497,6 +497,8 @@ class DeviceAgent:
             self._train(r)
 
     def _next_task(self, r: Mapping[str, Any] | None) -> Any:
+        from edge_runtime.sync_client import HANG_UP_WAIT_S
+
         waiting = False
         while True:
             task = self._sync("ask", self.client.get_task)
@@ -508,7 +510,10 @@ class DeviceAgent:
             if not waiting:
                 self.log(f"waiting for the next round ({task.message or task.round_state or 'no open round'})")
                 waiting = True
-            time.sleep(min(max(task.retry_after_s, 0.05), 10.0))
+            pause = min(max(task.retry_after_s, 0.05), 10.0)
+            if pause >= HANG_UP_WAIT_S:
+                self.client.close()  # reconnects on the next call; the coordinator frees our TLS state
+            time.sleep(pause)
 
     def _start_round(self, task: Any) -> dict[str, Any]:
         import torch
@@ -534,6 +539,9 @@ class DeviceAgent:
         from edge_runtime.memory import peak_rss_bytes, reset_peak_rss
 
         self.backend.reconfigure(self._trainer_config(r["local_config"]))
+        # Nothing to exchange until the delta is ready (minutes): hang up, so that a fleet in training
+        # costs the coordinator no connection state; the upload reconnects (one TLS handshake).
+        self.client.close()
         try:
             reset_peak_rss()
         except OSError:

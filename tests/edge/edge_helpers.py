@@ -171,7 +171,10 @@ def agent_state(state_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
 
 
 class RecordingProxy:
-    """A TCP proxy to `target` that appends every byte the client sends to `record_path`."""
+    """A TCP proxy to `target` that appends every byte the client sends to `record_path`.
+
+    `connections` holds, per accepted connection, [bytes the client sent, bytes the server sent].
+    """
 
     def __init__(self, target_port: int, record_path: Path) -> None:
         self.target_port = target_port
@@ -183,6 +186,7 @@ class RecordingProxy:
         self._server.listen(16)
         self.port = self._server.getsockname()[1]
         self._closed = False
+        self.connections: list[list[int]] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -196,12 +200,15 @@ class RecordingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            counts = [0, 0]
+            self.connections.append(counts)
+            threading.Thread(target=self._pump, args=(client, upstream, True, counts), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False, counts), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, record: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, record: bool, counts: list[int]) -> None:
         try:
             while data := source.recv(65536):
+                counts[0 if record else 1] += len(data)
                 if record:
                     with self._lock, open(self.record_path, "ab") as f:
                         f.write(data)

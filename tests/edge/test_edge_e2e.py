@@ -112,3 +112,12 @@ def test_three_devices_two_rounds(tmp_path: Path, model_dir: Path) -> None:
         windows = [w for t in delta.values() for w in value_windows(torch.from_numpy(t))]
         found = sum(w in sent for w in windows)
         assert found >= 0.9 * len(windows), f"{name}: only {found}/{len(windows)} delta values seen in the recording"
+
+    # -- no connection is held while training: a download and an upload never share one ---------------
+    for name in DEVICES:
+        payload = (tmp_path / f"state-{name}" / "sent" / f"round-{ROUNDS:06d}.safetensors").stat().st_size
+        big = payload // 2  # a generalist (down) or a delta (up) of this size, not a few short calls
+        uploads = [c for c in proxies[name].connections if c[0] > big]
+        downloads = [c for c in proxies[name].connections if c[1] > big]
+        assert len(uploads) >= ROUNDS and len(downloads) >= ROUNDS, proxies[name].connections
+        assert not [c for c in uploads if c[1] > big], f"{name}: held a connection while training"
