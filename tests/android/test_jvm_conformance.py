@@ -177,11 +177,12 @@ def test_killed_java_device_resumes_without_duplicate(jvm: Jvm, android_tls: Tls
         served.close()
 
 
-def test_java_device_hangs_up_after_every_acknowledged_upload(jvm: Jvm, android_tls: Tls, tmp_path: Path) -> None:
-    """After an upload is acknowledged the Java client closes its connection (`enterIdle`), so the
-    coordinator does not keep the TLS state of a connection that carried a delta while the device
-    waits for the next round; its next call reconnects. Counted at a TCP relay: one JVM process, three
-    rounds, at least one connection per round (a client that kept its connection would open one)."""
+def test_java_device_hangs_up_while_training_and_after_every_upload(jvm: Jvm, android_tls: Tls, tmp_path: Path) -> None:
+    """The Java device closes its connection (`enterIdle`) before it trains and once an upload is
+    acknowledged, so the coordinator keeps no TLS state for it while it trains or waits for the next
+    round; its next call reconnects. Counted at a TCP relay: one JVM process, three rounds, at least two
+    connections per round (task + download, then slot + upload; a client that kept its connection
+    while training would open one per round)."""
     rounds = 3
     served = serve(tmp_path, android_tls, [JAVA], make_generalist(0),
                    ["--min-devices", "1", "--round-timeout", "60", "--rounds", str(rounds)])
@@ -193,7 +194,7 @@ def test_java_device_hangs_up_after_every_acknowledged_upload(jvm: Jvm, android_
                          "--seed", "1", "--idle-timeout-ms", "60000")
         assert result.returncode == 0, (result.events, result.stderr)
         assert [e["round"] for e in result.of("uploaded")] == list(range(1, rounds + 1))
-        assert relay.accepted >= rounds, f"{relay.accepted} connection(s) for {rounds} acknowledged uploads"
+        assert relay.accepted >= 2 * rounds, f"{relay.accepted} connection(s) for {rounds} rounds"
     finally:
         relay.close()
         served.close()

@@ -98,7 +98,11 @@ public final class RoundLoop {
               "no task from the coordinator for " + options.idleTimeoutMs + " ms (last: " + task.action + ", "
                   + task.message + ")");
         }
-        Thread.sleep(Math.max(50, Math.min(task.retryAfterMs, options.maxPollMs)));
+        long pause = Math.max(50, Math.min(task.retryAfterMs, options.maxPollMs));
+        if (pause >= SyncClient.HANG_UP_WAIT_MS) {
+          client.hangUp(); // nothing to say until then
+        }
+        Thread.sleep(pause);
         continue;
       }
       trainAndUpload(task, uploaded);
@@ -197,6 +201,7 @@ public final class RoundLoop {
       copy.put(e.getKey(), e.getValue().copy());
     }
     emit("training", "round", task.roundId, "base_version", task.generalistVersion);
+    client.hangUp(); // nothing to exchange until the delta is ready: the upload reconnects
     LocalTrainer.Result result = trainer.train(task.roundId, copy, task.localConfig);
     if (result.numSamples < 1) {
       throw new ComigsException(ComigsException.Kind.INVALID, "the trainer reported no training samples");

@@ -258,6 +258,15 @@ public final class SyncClient implements AutoCloseable {
     return deviceId;
   }
 
+  /**
+   * Close the connection but keep the client usable: the next call reconnects (one TLS handshake).
+   * Devices hang up while they train or wait: the coordinator holds ~65-200 KiB of TLS state per
+   * open connection.
+   */
+  public void hangUp() {
+    channel.enterIdle();
+  }
+
   @Override
   public void close() {
     channel.shutdownNow();
