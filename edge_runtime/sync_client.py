@@ -70,9 +70,11 @@ _ROUND_STATES = {
 DEFAULT_CHUNK_BYTES = 64 * 1024
 #: Told to wait at least this long (for an upload slot, for the next round), a device hangs up until it
 #: asks again: a reconnect (one TLS handshake, ~1 ms of coordinator CPU) is cheap next to the connection
-#: state a coordinator would hold meanwhile (~65-200 KiB per TLS connection). The edge agent also hangs
-#: up for the length of its local training.
-HANG_UP_WAIT_S = 1.0
+#: state a coordinator would hold meanwhile (~65-200 KiB per TLS connection), and a coordinator at its
+#: connection limit needs sleeping devices to make room for the ones whose turn has come (200 devices
+#: at once, 64 connections: 1 s here left slots idle; 0.25 s kept them busy, benchmarks/RESULTS.md).
+#: The edge agent also hangs up for the length of its local training.
+HANG_UP_WAIT_S = 0.25
 
 
 class SyncError(Exception):
@@ -312,6 +314,10 @@ class SyncClient:
                 details = (exc.details() if callable(getattr(exc, "details", None)) else None) or str(exc)
                 if code not in TRANSIENT_CODES or tries >= self._retry.max_attempts:
                     raise SyncError(method, code, details, tries) from None
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    # Drop the connection: the retry connects afresh after our backoff, instead of
+                    # failing fast until gRPC's own reconnect backoff (1 s, growing) has passed.
+                    self.close()
                 self._sleep(self._retry.delay(tries - 1, self._rng))
 
     # ------------------------------------------------------------------ API

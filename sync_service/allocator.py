@@ -13,8 +13,19 @@ arena locks. Measured with `python benchmarks/bench_sync.py --repeat 2 --no-save
     4                6.86                    0.508               94 ms
     2                5.82                    0.430               103 ms
 
-Neither setting meets both benchmark targets, and the one a deployment needs depends on its machine,
-so the default stays glibc's (`--malloc-arenas 0`); an operator short of memory trades CPU for it.
+Session 14 (2026-12-06, same kind of VM), after the ingest stopped allocating numpy temporaries per
+chunk and devices stopped holding connections while idle, single `--repeat 1 --no-save` runs with the
+connection limit (64) and the 0.25 s hang-up, all three servers under the same cap:
+
+    arenas           (peak - idle) / delta   ingest / raw gRPC
+    glibc default    5.62, 4.78              0.495, 0.516
+    2                3.12, 3.33              0.474, 0.417
+    1                3.21, 3.07, 2.75, 3.14  0.402, 0.408, 0.555, 0.546
+
+The throughput differences are inside this VM's run-to-run spread (+-0.08); the memory ones are not.
+So the default is one arena (`--malloc-arenas 1`): the coordinator's hot path runs under the GIL
+anyway, so threads rarely allocate at the same moment; `--malloc-arenas 0` restores glibc's default
+for a deployment that measures otherwise.
 `mallopt(M_ARENA_MAX)` only shapes arenas created after the call, so `comigs sync serve` calls this
 before it starts any thread. C libraries without `mallopt` (macOS) make this a no-op.
 """
@@ -25,7 +36,7 @@ import ctypes
 import logging
 
 M_ARENA_MAX = -8  # glibc's malloc.h
-DEFAULT_ARENAS = 0  # glibc's own default (8 per core)
+DEFAULT_ARENAS = 1  # see the module docstring; 0 = glibc's own default (8 per core)
 
 log = logging.getLogger(__name__)
 

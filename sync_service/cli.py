@@ -167,7 +167,7 @@ def _add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: igno
         type=_non_negative_int,
         default=DEFAULT_ARENAS,
         help="cap on glibc's malloc arenas for this process: fewer arenas hold less freed memory (lower "
-        "peak RSS under many concurrent uploads) but cost CPU in lock contention; measured trade-off in "
+        "peak RSS under many concurrent uploads) at some risk of lock contention; measurements in "
         "sync_service/allocator.py. 0: the C library's default (default: %(default)s)",
     )
     ops.add_argument(
@@ -176,6 +176,14 @@ def _add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: igno
         default=120.0,
         help="seconds without any call after which a device's connection is closed (it reconnects on "
         "its next call)",
+    )
+    ops.add_argument(
+        "--max-connections",
+        type=_non_negative_int,
+        default=None,
+        help="TCP connections held at once; more are closed as they arrive (before TLS) and devices retry "
+        "after their backoff. Bounds the memory a burst of devices costs (~65-200 KiB per TLS connection); "
+        "must exceed the upload slots. 0: no limit (default: 64, or 4 x the upload slots if more)",
     )
     ops.add_argument(
         "--keep-uploads",
@@ -340,6 +348,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_workers=args.max_workers,
             upload_slots=args.upload_slots,
             idle_connection_s=args.idle_connection_timeout,
+            max_connections=args.max_connections,
             keep_uploads=args.keep_uploads,
             ready_file=Path(args.ready_file) if args.ready_file else None,
             tick_interval_s=args.tick_interval,

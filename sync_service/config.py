@@ -111,6 +111,11 @@ class ServerConfig:
     #: A connection without any call for this long is closed (devices reconnect on their next call), so
     #: devices busy training or waiting for their turn do not hold TLS state in the coordinator.
     idle_connection_s: float = 120.0
+    #: TCP connections held at once; gRPC closes any beyond this right after accepting it (before TLS),
+    #: and devices retry after their backoff. Bounds the memory a burst of devices costs: each TLS
+    #: connection holds ~65-200 KiB in gRPC (sync_service/README.md, "Connections"). 0: no limit;
+    #: None: 64, or 4 x the upload slots if that is more.
+    max_connections: int | None = None
     #: gRPC messages above this are refused by gRPC itself (RESOURCE_EXHAUSTED).
     max_message_bytes: int = 4 * 1024 * 1024 + 64 * 1024
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
@@ -130,6 +135,13 @@ class ServerConfig:
             raise ValueError("max_workers must be >= 2")
         if self.upload_slots is not None and self.upload_slots < 0:
             raise ValueError("upload_slots must be >= 0 (0: no admission control)")
+        if self.max_connections is not None and self.max_connections < 0:
+            raise ValueError("max_connections must be >= 0 (0: no limit)")
+        if 0 < self.connection_limit <= self.slots:
+            raise ValueError(
+                f"max_connections ({self.connection_limit}) must exceed the upload slots ({self.slots}): "
+                "devices need connections to queue for a slot and to stream"
+            )
         if not (self.idle_connection_s > 0 and math.isfinite(self.idle_connection_s)):
             raise ValueError("idle_connection_s must be a positive number of seconds")
         if not 64 * 1024 <= self.download_chunk_bytes <= self.max_message_bytes - 1024:
@@ -141,3 +153,10 @@ class ServerConfig:
         if self.upload_slots is not None:
             return self.upload_slots
         return max(1, self.max_workers - 4)
+
+    @property
+    def connection_limit(self) -> int:
+        """Connections held at once (0: no limit)."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return max(64, 4 * self.slots)

@@ -500,6 +500,8 @@ class SyncServer:
         self.rounds = RoundManager(self.store, config.rounds, self.metrics, keep_uploads=config.keep_uploads)
         self.health = health.HealthServicer()
         options = grpc_server_options(config.max_message_bytes, config.idle_connection_s)
+        if config.connection_limit:
+            options.append(("grpc.max_allowed_incoming_connections", config.connection_limit))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="sync-rpc"),
             options=options,

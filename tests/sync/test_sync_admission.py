@@ -208,6 +208,12 @@ def test_server_config_slots(tmp_path) -> None:  # type: ignore[no-untyped-def]
         config(upload_slots=-1)
     with pytest.raises(ValueError, match="idle_connection_s"):
         config(idle_connection_s=0)
+    assert config().connection_limit == 64 and config(max_workers=40).connection_limit == 144
+    assert config(max_connections=0).connection_limit == 0  # no limit
+    with pytest.raises(ValueError, match="must exceed the upload slots"):
+        config(max_connections=12)
+    with pytest.raises(ValueError, match="max_connections"):
+        config(max_connections=-1)
 
 
 # ------------------------------------------------------------------------------------------ on the wire
@@ -388,8 +394,8 @@ def test_a_closed_client_never_reuses_its_old_connection() -> None:
     assert older.relay.accepted == 20
 
 
-@pytest.mark.parametrize("retry_after_ms, hangs_up", [(100, False), (1500, True)])
-def test_a_device_queued_for_a_second_or_more_hangs_up_until_it_asks_again(retry_after_ms, hangs_up) -> None:
+@pytest.mark.parametrize("retry_after_ms, hangs_up", [(100, False), (300, True)])
+def test_a_device_queued_for_a_quarter_second_or_more_hangs_up_until_it_asks_again(retry_after_ms, hangs_up) -> None:
     answers = iter([pb.AcquireUploadSlotResponse(granted=False, retry_after_ms=retry_after_ms, queue_position=30,
                                                  slots=2),
                     pb.AcquireUploadSlotResponse(granted=True, retry_after_ms=10_000)])
@@ -431,8 +437,8 @@ def test_an_idle_connection_is_closed_and_the_device_reconnects_on_its_next_call
     channel.close()
 
 
-@pytest.mark.parametrize("retry_after_ms, hangs_up", [(100, False), (1500, True)])
-def test_a_device_told_to_wait_a_second_or_more_for_its_task_hangs_up_meanwhile(retry_after_ms, hangs_up) -> None:
+@pytest.mark.parametrize("retry_after_ms, hangs_up", [(100, False), (300, True)])
+def test_a_device_told_to_wait_a_quarter_second_or_more_for_its_task_hangs_up(retry_after_ms, hangs_up) -> None:
     answers = iter([pb.GetTaskResponse(action=pb.ACTION_WAIT, retry_after_ms=retry_after_ms),
                     pb.GetTaskResponse(action=pb.ACTION_TRAIN, round_id=3)])
     older = _OlderCoordinator(get_task=lambda request: next(answers))
@@ -445,3 +451,37 @@ def test_a_device_told_to_wait_a_second_or_more_for_its_task_hangs_up_meanwhile(
         older.stop()
     assert slept == [retry_after_ms / 1000]
     assert older.relay.accepted == (2 if hangs_up else 1)
+
+
+def test_connections_beyond_the_limit_are_refused_and_a_device_gets_in_once_one_frees(coordinator_factory) -> None:
+    """gRPC closes connections beyond --max-connections as they arrive; SyncClient then drops its
+    channel, so its retry connects afresh after its own short backoff (gRPC's channel would wait out
+    its 1 s reconnect backoff first, longer than this client's whole retry budget)."""
+    import time
+
+    from edge_runtime.sync_client import SyncClient, SyncError
+
+    coordinator = coordinator_factory(
+        ["a", "b", "c"], RoundConfig(min_devices=3, round_timeout_s=60, rounds=1), upload_slots=1,
+        max_connections=2,
+    )
+    held = [coordinator.client(name) for name in ("a", "b")]
+    for client in held:
+        assert client.get_task().action == "train"  # two connections, held open
+    late = SyncClient(coordinator.target, coordinator.tokens["c"], root_certificates=coordinator.tls.cert_pem,
+                      retry=RetryPolicy(max_attempts=1))
+    with pytest.raises(SyncError) as info:
+        late.get_task()
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    patient = SyncClient(coordinator.target, coordinator.tokens["c"], root_certificates=coordinator.tls.cert_pem,
+                         retry=RetryPolicy(max_attempts=8, initial_backoff_s=0.1, multiplier=1.0))
+    freed = threading.Timer(0.2, held[0].close)
+    freed.start()
+    started = time.monotonic()
+    try:
+        assert patient.get_task().action == "train"
+    finally:
+        freed.join()
+        for client in (held[1], late, patient):
+            client.close()
+    assert time.monotonic() - started < 0.9  # before gRPC's own reconnect backoff could have let it in

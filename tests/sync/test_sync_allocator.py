@@ -51,7 +51,7 @@ def test_threads_share_at_most_the_capped_number_of_arenas(cap: int) -> None:
 def test_zero_keeps_the_c_librarys_default() -> None:
     applied, arenas = _arenas_used(0)
     assert applied == "False" and arenas == 7  # glibc: an arena per thread (main + 6), up to 8 per core
-    assert DEFAULT_ARENAS == 0  # what `comigs sync serve` uses unless told otherwise
+    assert DEFAULT_ARENAS == 1  # what `comigs sync serve` uses unless told otherwise
 
 
 def test_a_negative_cap_is_refused_clearly() -> None:

@@ -96,6 +96,9 @@ def test_insecure_is_refused_off_loopback_and_tls_needs_both_files(tmp_path: Pat
         check=False,
     )
     assert missing.returncode == 1 and "not an initialised" in missing.stderr
+    too_few = sync("serve", "--state-dir", state, "--insecure", "--listen", "127.0.0.1:0", "--max-connections", "12",
+                   check=False)
+    assert too_few.returncode == 1 and "must exceed the upload slots (12)" in too_few.stderr
 
 
 def test_register_adds_the_sync_group_to_the_comigs_parser() -> None:

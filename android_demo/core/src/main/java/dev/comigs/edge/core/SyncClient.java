@@ -65,8 +65,8 @@ public final class SyncClient implements AutoCloseable {
           Status.Code.RESOURCE_EXHAUSTED,
           Status.Code.ABORTED);
   public static final int DEFAULT_CHUNK_BYTES = 64 * 1024;
-  /** Queued for an upload slot at least this long, the client hangs up until it asks again (as the Python client). */
-  public static final long HANG_UP_WAIT_MS = 1000;
+  /** Told to wait at least this long (slot, next round), the client hangs up until it asks again (as the Python client). */
+  public static final long HANG_UP_WAIT_MS = 250;
 
   /** Connection settings. */
   public static final class Options {
@@ -300,6 +300,12 @@ public final class SyncClient implements AutoCloseable {
           : (status.getCause() != null ? status.getCause().toString() : status.getCode().toString());
       if (!TRANSIENT.contains(status.getCode()) || tries >= options.maxAttempts) {
         throw new SyncException(method, status.getCode(), details, tries);
+      }
+      if (status.getCode() == Status.Code.UNAVAILABLE) {
+        // Drop the connection: the retry connects afresh after our backoff instead of failing fast
+        // until the channel's own reconnect backoff has passed (a coordinator at its connection limit
+        // closes new connections as they arrive).
+        channel.enterIdle();
       }
       double ceiling = Math.min(options.maxBackoffMs, options.initialBackoffMs * Math.pow(options.backoffMultiplier, tries - 1));
       long pause = (long) (ceiling * (0.5 + 0.5 * random.nextDouble()));
