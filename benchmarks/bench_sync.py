@@ -339,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the coordinator's upload slots (default: its own default, max-workers - 4; 0: no admission)",
     )
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="the coordinator's connection limit (default: its own default; 0: no limit)",
+    )
+    parser.add_argument(
         "--malloc-arenas",
         type=int,
         default=DEFAULT_ARENAS,
@@ -436,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.upload_slots is not None:
             command += ["--upload-slots", str(args.upload_slots)]
+        if args.max_connections is not None:
+            command += ["--max-connections", str(args.max_connections)]
         command += ["--malloc-arenas", str(args.malloc_arenas)]
         def reference_server(mode: str) -> tuple[subprocess.Popen, Path, Path]:
             ready_file, log_file = tmp / f"{mode}.json", tmp / f"{mode}.log"
@@ -581,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         "int8_max_abs_error_over_max_abs": round(int8_max_abs / max_abs, 5),
         "server_max_workers": args.max_workers,
         "upload_slots": "server default" if args.upload_slots is None else args.upload_slots,
+        "max_connections": "server default" if args.max_connections is None else args.max_connections,
         "malloc_arenas": args.malloc_arenas or "glibc default",
         "slot_requests_per_upload": round(sum(polls.values()) / (args.devices * args.repeat), 2),
         "mean_streams_while_devices_wait": slot_sampler.mean_streaming(),
