@@ -77,7 +77,9 @@ class UploadReceiver:
                 self._header_end += self._decoder.feed_header(data)
             except enc.PayloadError as exc:
                 raise as_sync_error(exc) from None
-        self._file.write(data)
+        view = memoryview(data)
+        while view:  # an unbuffered file may take part of a write
+            view = view[self._file.write(view) :]
         self.received += len(data)
 
     def finish(self) -> ReceivedUpload:
