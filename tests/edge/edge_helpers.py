@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from sync_service.auth import add_device
 from sync_service.store import Store
 
 from tests.builders import synthetic_language, tiny_base
+from tests.sync.sync_helpers import ConnectionCountingRelay
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SEQ_LEN = 16
@@ -170,64 +170,9 @@ def agent_state(state_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return record, load(state.read_blob("tensors"))
 
 
-class RecordingProxy:
-    """A TCP proxy to `target` that appends every byte the client sends to `record_path`.
-
-    `connections` holds, per accepted connection, [bytes the client sent, bytes the server sent].
-    """
-
-    def __init__(self, target_port: int, record_path: Path) -> None:
-        self.target_port = target_port
-        self.record_path = record_path
-        self._lock = threading.Lock()
-        self._server = socket.socket()
-        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind(("127.0.0.1", 0))
-        self._server.listen(16)
-        self.port = self._server.getsockname()[1]
-        self._closed = False
-        self.connections: list[list[int]] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            counts = [0, 0]
-            self.connections.append(counts)
-            threading.Thread(target=self._pump, args=(client, upstream, True, counts), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False, counts), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, record: bool, counts: list[int]) -> None:
-        try:
-            while data := source.recv(65536):
-                counts[0 if record else 1] += len(data)
-                if record:
-                    with self._lock, open(self.record_path, "ab") as f:
-                        f.write(data)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def recorded(self) -> bytes:
-        return self.record_path.read_bytes() if self.record_path.exists() else b""
-
-    def close(self) -> None:
-        self._closed = True
-        self._server.close()
+#: A TCP proxy that appends every byte the client sends to its record file and counts, per connection,
+#: the bytes each side sent: the sync tests' relay with a record path.
+RecordingProxy = ConnectionCountingRelay
 
 
 def value_windows(tensor: torch.Tensor) -> list[bytes]:

@@ -295,18 +295,35 @@ class ServerProcess:
 
 
 class ConnectionCountingRelay:
-    """A TCP relay in front of a server that counts the connections clients open.
+    """A TCP relay in front of a loopback server that counts the connections clients open and the bytes
+    each carries; with `record_path`, it also appends every byte a client sends there.
 
+    `connections` holds, per accepted connection, [bytes the client sent, bytes the server sent].
     Counting accepts is the sure sign of a new connection; a server-side peer address can repeat
     (Linux may hand a loopback client a closed connection's ephemeral port again, tcp_tw_reuse=2).
     """
 
-    def __init__(self, backend_port: int) -> None:
-        self.accepted = 0
+    def __init__(self, backend_port: int, record_path: Path | None = None) -> None:
+        self.connections: list[list[int]] = []
+        self.record_path = record_path
+        self._record_lock = threading.Lock()
         self._backend = ("127.0.0.1", backend_port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def accepted(self) -> int:
+        return len(self.connections)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def recorded(self) -> bytes:
+        """What clients sent (needs `record_path`)."""
+        assert self.record_path is not None
+        return self.record_path.read_bytes() if self.record_path.exists() else b""
 
     def _accept(self) -> None:
         while True:
@@ -314,15 +331,19 @@ class ConnectionCountingRelay:
                 client, _ = self._listener.accept()
             except OSError:  # closed
                 return
-            self.accepted += 1
             backend = socket.create_connection(self._backend)
-            for source, sink in ((client, backend), (backend, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            counts = [0, 0]
+            self.connections.append(counts)
+            for side, (source, sink) in enumerate(((client, backend), (backend, client))):
+                threading.Thread(target=self._pump, args=(source, sink, counts, side), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, counts: list[int], side: int) -> None:
         try:
             while data := source.recv(65536):
+                counts[side] += len(data)
+                if side == 0 and self.record_path is not None:
+                    with self._record_lock, open(self.record_path, "ab") as f:
+                        f.write(data)
                 sink.sendall(data)
         except OSError:
             pass
