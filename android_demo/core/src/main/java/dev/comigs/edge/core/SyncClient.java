@@ -305,7 +305,7 @@ public final class SyncClient implements AutoCloseable {
         // Drop the connection: the retry connects afresh after our backoff instead of failing fast
         // until the channel's own reconnect backoff has passed (a coordinator at its connection limit
         // closes new connections as they arrive).
-        channel.enterIdle();
+        hangUp();
       }
       double ceiling = Math.min(options.maxBackoffMs, options.initialBackoffMs * Math.pow(options.backoffMultiplier, tries - 1));
       long pause = (long) (ceiling * (0.5 + 0.5 * random.nextDouble()));
@@ -441,7 +441,7 @@ public final class SyncClient implements AutoCloseable {
     });
     // Nothing to send until the round publishes: close the connection (the channel reconnects on the
     // next call). The coordinator holds ~130-200 KiB of TLS state per connection that carried a delta.
-    channel.enterIdle();
+    hangUp();
     UploadResult result = new UploadResult();
     result.roundId = response.getRoundId();
     result.uploadId = response.getUploadId();
@@ -486,7 +486,7 @@ public final class SyncClient implements AutoCloseable {
                 + " devices ahead, " + grant.getSlots() + " slots); try again later", 1);
       }
       if (wait >= HANG_UP_WAIT_MS) {
-        channel.enterIdle(); // queued: the coordinator holds no connection state for us while we sleep
+        hangUp(); // queued: the coordinator holds no connection state for us while we sleep
       }
       Thread.sleep(wait);
     }
