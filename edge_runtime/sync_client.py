@@ -71,8 +71,9 @@ DEFAULT_CHUNK_BYTES = 64 * 1024
 #: Told to wait at least this long (for an upload slot, for the next round), a device hangs up until it
 #: asks again: a reconnect (one TLS handshake, ~1 ms of coordinator CPU) is cheap next to the connection
 #: state a coordinator would hold meanwhile (~65-200 KiB per TLS connection), and a coordinator at its
-#: connection limit needs sleeping devices to make room for the ones whose turn has come (200 devices
-#: at once, 64 connections: 1 s here left slots idle; 0.25 s kept them busy, benchmarks/RESULTS.md).
+#: connection limit needs sleepers to make room for the devices whose turn has come. 0.25 s against 1 s
+#: measured no clear difference (benchmarks/RESULTS.md, session 14: slightly less memory, the same
+#: ingest within the noise); the shorter wait is kept for the room it leaves at the limit.
 #: The edge agent also hangs up for the length of its local training.
 HANG_UP_WAIT_S = 0.25
 

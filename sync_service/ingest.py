@@ -6,12 +6,13 @@ it streams, so a malformed upload is refused before its data is sent. The values
 SHA-256 are checked once the stream is complete, by reading the file back in `VERIFY_BLOCK_BYTES`
 blocks from the page cache.
 
-Why not check every 64 KiB chunk as it arrives: each chunk then cost a dozen numpy, hashlib and write
+Why not check every 64 KiB chunk as it arrives: each chunk then cost about ten numpy and hashlib
 calls that release the GIL, and with a dozen upload streams and gRPC's threads waiting for it every
-release is a thread switch. Measured with 200 TLS devices on 2 cores (benchmarks/RESULTS.md, session
-14): per-chunk validation was 15 of the coordinator's ~48 ms of CPU per upload and 650 of its 1,460
-context switches, against ~4 ms in a single thread. Blocks of 512 KiB need ~15x fewer calls; at most
-`VERIFY_CONCURRENCY` uploads are verified at once, so the blocks add at most ~2 MiB of memory.
+release is a thread switch. Measured with the 200-device TLS burst on 2 cores (an ad-hoc probe,
+benchmarks/RESULTS.md, session 14, admission off): switching value validation off took the
+coordinator from ~45 to ~30 ms of CPU and from ~1,490 to ~840 context switches per upload, against
+~4 ms for the same validation in a single thread. Blocks of 512 KiB need ~7x fewer such calls per
+upload; at most `VERIFY_CONCURRENCY` uploads are verified at once, so the blocks add at most ~2 MiB.
 
 Nothing here touches the database: committing is the round manager's job, under its lock.
 """
