@@ -178,11 +178,12 @@ def test_killed_java_device_resumes_without_duplicate(jvm: Jvm, android_tls: Tls
 
 
 def test_java_device_hangs_up_while_training_and_after_every_upload(jvm: Jvm, android_tls: Tls, tmp_path: Path) -> None:
-    """The Java device closes its connection (`enterIdle`) before it trains and once an upload is
+    """The Java device closes its connection (`SyncClient.hangUp`) before it trains and once an upload is
     acknowledged, so the coordinator keeps no TLS state for it while it trains or waits for the next
     round; its next call reconnects. Counted at a TCP relay: one JVM process, three rounds, at least two
     connections per round (task + download, then slot + upload; a client that kept its connection
-    while training would open one per round)."""
+    while training would open one per round), and none left open beside the next one (grpc-java's
+    `enterIdle()` left them open ~5 s)."""
     rounds = 3
     served = serve(tmp_path, android_tls, [JAVA], make_generalist(0),
                    ["--min-devices", "1", "--round-timeout", "60", "--rounds", str(rounds)])
@@ -195,6 +196,61 @@ def test_java_device_hangs_up_while_training_and_after_every_upload(jvm: Jvm, an
         assert result.returncode == 0, (result.events, result.stderr)
         assert [e["round"] for e in result.of("uploaded")] == list(range(1, rounds + 1))
         assert relay.accepted >= 2 * rounds, f"{relay.accepted} connection(s) for {rounds} rounds"
+        assert not relay.lingered(0.5), f"(connection, seconds) open beside a newer one: {relay.lingered(0.5)}"
     finally:
         relay.close()
         served.close()
+
+
+def test_java_device_refused_at_the_connection_limit_reconnects_afresh(
+    jvm: Jvm, android_tls: Tls, tmp_path: Path
+) -> None:
+    """The coordinator closes connections beyond --max-connections as they arrive. The Java client then
+    drops its channel (SyncClient.hangUp on UNAVAILABLE), so every retry opens a new connection after
+    the client's own short backoff; a channel kept would fail fast, opening nothing, until grpc-java's
+    reconnect backoff had passed (0.8-1.2 s, then 1.6x longer each time), and get in seconds late. Its
+    own hang-ups (while it trains) must really close its connection, or at a limit of two its next
+    call is refused because of itself."""
+    served = serve(tmp_path, android_tls, [JAVA, "py-a", "py-b"], make_generalist(0),
+                   ["--min-devices", "1", "--round-timeout", "60", "--rounds", "1",
+                    "--upload-slots", "1", "--max-connections", "2"])
+    held = [SyncClient(served.target, served.token(name), device_id=name, root_certificates=android_tls.cert_pem)
+            for name in ("py-a", "py-b")]
+    relay = ConnectionCountingRelay(served.server.port)
+    args = java_client_args(served, android_tls, JAVA)
+    args[args.index("--target") + 1] = relay.target
+    java = None
+    try:
+        for client in held:
+            client.get_task()  # two connections held open: the coordinator is at its limit
+        java = jvm.start("run", *args, "--state", str(tmp_path / "java" / "state.json"), "--rounds", "1",
+                         "--initial-backoff-ms", "100", "--max-backoff-ms", "100", "--max-attempts", "100",
+                         "--idle-timeout-ms", "60000", log=tmp_path / "java.log")
+        first_refusal = _when(lambda: relay.accepted >= 1, timeout=60)  # includes the JVM's start
+        fourth = _when(lambda: relay.accepted >= 4, timeout=10)
+        assert fourth - first_refusal < 2.0, f"4 connections took {fourth - first_refusal:.2f} s"
+        held[0].close()  # a connection frees
+        freed = time.monotonic()
+        wait_for_event(java, "registered", timeout=30)
+        assert time.monotonic() - freed < 1.5, f"got in {time.monotonic() - freed:.2f} s after a connection freed"
+        result = finish(java, timeout=60)
+        java = None
+        assert result.returncode == 0, (result.events, result.stderr)
+        assert [e["round"] for e in result.of("uploaded")] == [1]
+        assert not relay.lingered(0.5), f"(connection, seconds) open beside a newer one: {relay.lingered(0.5)}"
+    finally:
+        if java is not None:
+            sigkill(java)
+        for client in held:
+            client.close()
+        relay.close()
+        served.close()
+
+
+def _when(condition, timeout: float) -> float:
+    """The monotonic time at which `condition()` first held (polled every 5 ms)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        time.sleep(0.005)
+    return time.monotonic()

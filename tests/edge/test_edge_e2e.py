@@ -121,3 +121,4 @@ def test_three_devices_two_rounds(tmp_path: Path, model_dir: Path) -> None:
         downloads = [c for c in proxies[name].connections if c[1] > big]
         assert len(uploads) >= ROUNDS and len(downloads) >= ROUNDS, proxies[name].connections
         assert not [c for c in uploads if c[1] > big], f"{name}: held a connection while training"
+        assert not proxies[name].lingered(0.5), f"{name}: connections left open: {proxies[name].lingered(0.5)}"

@@ -298,13 +298,15 @@ class ConnectionCountingRelay:
     """A TCP relay in front of a loopback server that counts the connections clients open and the bytes
     each carries; with `record_path`, it also appends every byte a client sends there.
 
-    `connections` holds, per accepted connection, [bytes the client sent, bytes the server sent].
+    `connections` holds, per accepted connection, [bytes the client sent, bytes the server sent];
+    `lifetimes`, per connection, [monotonic time accepted, time closed (None while open)].
     Counting accepts is the sure sign of a new connection; a server-side peer address can repeat
     (Linux may hand a loopback client a closed connection's ephemeral port again, tcp_tw_reuse=2).
     """
 
     def __init__(self, backend_port: int, record_path: Path | None = None) -> None:
         self.connections: list[list[int]] = []
+        self.lifetimes: list[list[float | None]] = []
         self.record_path = record_path
         self._record_lock = threading.Lock()
         self._backend = ("127.0.0.1", backend_port)
@@ -331,13 +333,29 @@ class ConnectionCountingRelay:
                 client, _ = self._listener.accept()
             except OSError:  # closed
                 return
+            lifetime: list[float | None] = [time.monotonic(), None]
             backend = socket.create_connection(self._backend)
             counts = [0, 0]
             self.connections.append(counts)
+            self.lifetimes.append(lifetime)
             for side, (source, sink) in enumerate(((client, backend), (backend, client))):
-                threading.Thread(target=self._pump, args=(source, sink, counts, side), daemon=True).start()
+                threading.Thread(target=self._pump, args=(source, sink, counts, side, lifetime), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, counts: list[int], side: int) -> None:
+    def lingered(self, grace_s: float) -> list[tuple[int, float]]:
+        """Connections still open more than `grace_s` after a newer one was accepted: (index, seconds)."""
+        now = time.monotonic()
+        out = []
+        for index, (opened, closed) in enumerate(self.lifetimes[:-1]):
+            newer = self.lifetimes[index + 1][0]
+            assert opened is not None and newer is not None
+            overlap = (closed if closed is not None else now) - newer
+            if overlap > grace_s:
+                out.append((index, round(overlap, 2)))
+        return out
+
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, counts: list[int], side: int, lifetime: list
+    ) -> None:
         try:
             while data := source.recv(65536):
                 counts[side] += len(data)
@@ -347,6 +365,8 @@ class ConnectionCountingRelay:
                 sink.sendall(data)
         except OSError:
             pass
+        if lifetime[1] is None:
+            lifetime[1] = time.monotonic()
         for end in (source, sink):  # either side's close ends both directions
             try:
                 end.shutdown(socket.SHUT_RDWR)

@@ -179,9 +179,12 @@ public final class SyncClient implements AutoCloseable {
   }
 
   private final Options options;
-  private final ManagedChannel channel;
-  private final SyncServiceGrpc.SyncServiceBlockingStub blocking;
-  private final SyncServiceGrpc.SyncServiceStub async;
+  private final ChannelCredentials credentials;
+  private final ClientInterceptor auth;
+  /** The open channel, or null after a hang-up (the next call opens a new one: see hangUp). */
+  private ManagedChannel channel;
+  private SyncServiceGrpc.SyncServiceBlockingStub blocking;
+  private SyncServiceGrpc.SyncServiceStub async;
   /** False once the coordinator answered UNIMPLEMENTED (one without upload admission). */
   private volatile boolean useSlots = true;
   private final Random random = new Random();
@@ -198,13 +201,12 @@ public final class SyncClient implements AutoCloseable {
     }
     this.options = options;
     this.deviceId = options.deviceId == null ? "" : options.deviceId;
-    ChannelCredentials credentials;
     if (options.insecure) {
       if (!isLoopback(options.target)) {
         throw new ComigsException(ComigsException.Kind.INVALID,
             "refusing an insecure channel to " + options.target + ": only loopback targets may skip TLS");
       }
-      credentials = InsecureChannelCredentials.create();
+      this.credentials = InsecureChannelCredentials.create();
     } else {
       TlsChannelCredentials.Builder tls = TlsChannelCredentials.newBuilder();
       if (options.caPem != null) {
@@ -214,8 +216,19 @@ public final class SyncClient implements AutoCloseable {
           throw new ComigsException(ComigsException.Kind.INVALID, "cannot read the CA certificate: " + ex.getMessage());
         }
       }
-      credentials = tls.build();
+      this.credentials = tls.build();
     }
+    Metadata metadata = new Metadata();
+    metadata.put(Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER), "Bearer " + options.token);
+    if (!deviceId.isEmpty()) {
+      metadata.put(Metadata.Key.of("x-comigs-device-id", Metadata.ASCII_STRING_MARSHALLER), deviceId);
+    }
+    this.auth = MetadataUtils.newAttachHeadersInterceptor(metadata);
+    open();
+  }
+
+  /** A new channel and its stubs; connects on its first call. */
+  private void open() {
     ManagedChannelBuilder<?> builder = Grpc.newChannelBuilder(options.target, credentials)
         .maxInboundMessageSize(8 * 1024 * 1024)
         .keepAliveTime(30, TimeUnit.SECONDS)
@@ -224,14 +237,22 @@ public final class SyncClient implements AutoCloseable {
       builder.overrideAuthority(options.serverName);
     }
     channel = builder.build();
-    Metadata metadata = new Metadata();
-    metadata.put(Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER), "Bearer " + options.token);
-    if (!deviceId.isEmpty()) {
-      metadata.put(Metadata.Key.of("x-comigs-device-id", Metadata.ASCII_STRING_MARSHALLER), deviceId);
-    }
-    ClientInterceptor auth = MetadataUtils.newAttachHeadersInterceptor(metadata);
     blocking = SyncServiceGrpc.newBlockingStub(channel).withInterceptors(auth);
     async = SyncServiceGrpc.newStub(channel).withInterceptors(auth);
+  }
+
+  private synchronized SyncServiceGrpc.SyncServiceBlockingStub blocking() {
+    if (channel == null) {
+      open();
+    }
+    return blocking;
+  }
+
+  private synchronized SyncServiceGrpc.SyncServiceStub async() {
+    if (channel == null) {
+      open();
+    }
+    return async;
   }
 
   static boolean isLoopback(String target) {
@@ -261,20 +282,32 @@ public final class SyncClient implements AutoCloseable {
   /**
    * Close the connection but keep the client usable: the next call reconnects (one TLS handshake).
    * Devices hang up while they train or wait: the coordinator holds ~65-200 KiB of TLS state per
-   * open connection.
+   * open connection. Callers hang up between calls, never during one.
+   *
+   * <p>The channel is shut down and replaced, not sent idle: {@code enterIdle()} leaves the
+   * connection to a graceful shutdown that, measured against the coordinator with grpc-java 1.41,
+   * kept it open for seconds after the calls had ended (a device refused at the coordinator's
+   * connection limit was then refused again and again because of its own lingering connection).
    */
-  public void hangUp() {
-    channel.enterIdle();
+  public synchronized void hangUp() {
+    if (channel != null) {
+      channel.shutdownNow();
+      channel = null;
+    }
   }
 
   @Override
-  public void close() {
+  public synchronized void close() {
+    if (channel == null) {
+      return;
+    }
     channel.shutdownNow();
     try {
       channel.awaitTermination(5, TimeUnit.SECONDS);
     } catch (InterruptedException ex) {
       Thread.currentThread().interrupt();
     }
+    channel = null;
   }
 
   private <T> T call(String method, Attempt<T> attempt) throws SyncException {
@@ -335,7 +368,7 @@ public final class SyncClient implements AutoCloseable {
     RegisterDeviceRequest request =
         RegisterDeviceRequest.newBuilder().setDeviceId(deviceId).setCapabilities(capabilities).build();
     RegisterDeviceResponse response = call("RegisterDevice",
-        () -> blocking.withDeadlineAfter(options.rpcTimeoutMs, TimeUnit.MILLISECONDS).registerDevice(request));
+        () -> blocking().withDeadlineAfter(options.rpcTimeoutMs, TimeUnit.MILLISECONDS).registerDevice(request));
     if (deviceId.isEmpty()) {
       deviceId = response.getDeviceId();
     }
@@ -344,7 +377,7 @@ public final class SyncClient implements AutoCloseable {
 
   public Task getTask() throws SyncException {
     GetTaskResponse r = call("GetTask",
-        () -> blocking.withDeadlineAfter(options.rpcTimeoutMs, TimeUnit.MILLISECONDS)
+        () -> blocking().withDeadlineAfter(options.rpcTimeoutMs, TimeUnit.MILLISECONDS)
             .getTask(GetTaskRequest.newBuilder().setDeviceId(deviceId).build()));
     Task task = new Task();
     task.action = r.getAction() == Action.ACTION_TRAIN ? "train" : r.getAction() == Action.ACTION_DONE ? "done" : "wait";
@@ -387,7 +420,7 @@ public final class SyncClient implements AutoCloseable {
         request.setVersion(pinned);
       }
       java.util.Iterator<DownloadGeneralistResponse> stream =
-          blocking.withDeadlineAfter(options.transferTimeoutMs, TimeUnit.MILLISECONDS).downloadGeneralist(request.build());
+          blocking().withDeadlineAfter(options.transferTimeoutMs, TimeUnit.MILLISECONDS).downloadGeneralist(request.build());
       while (stream.hasNext()) {
         DownloadGeneralistResponse message = stream.next();
         if (message.hasInfo()) {
@@ -468,7 +501,7 @@ public final class SyncClient implements AutoCloseable {
     while (true) {
       AcquireUploadSlotResponse grant;
       try {
-        grant = blocking.withDeadlineAfter(options.rpcTimeoutMs, TimeUnit.MILLISECONDS).acquireUploadSlot(request);
+        grant = blocking().withDeadlineAfter(options.rpcTimeoutMs, TimeUnit.MILLISECONDS).acquireUploadSlot(request);
       } catch (StatusRuntimeException ex) {
         if (ex.getStatus().getCode() == Status.Code.UNIMPLEMENTED) {
           useSlots = false;
@@ -542,7 +575,7 @@ public final class SyncClient implements AutoCloseable {
             done.complete(response);
           }
         };
-    async.withDeadlineAfter(options.transferTimeoutMs, TimeUnit.MILLISECONDS).uploadDelta(observer);
+    async().withDeadlineAfter(options.transferTimeoutMs, TimeUnit.MILLISECONDS).uploadDelta(observer);
     return done.get();
   }
 
@@ -567,7 +600,7 @@ public final class SyncClient implements AutoCloseable {
     if (localSteps != null) {
       request.setLocalSteps(localSteps);
     }
-    call("ReportMetrics", () -> blocking.withDeadlineAfter(options.rpcTimeoutMs, TimeUnit.MILLISECONDS)
+    call("ReportMetrics", () -> blocking().withDeadlineAfter(options.rpcTimeoutMs, TimeUnit.MILLISECONDS)
         .reportMetrics(request.build()));
   }
 }
