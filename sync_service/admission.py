@@ -28,6 +28,15 @@ finished is optimistic, and the estimate is robust to outliers: the median of th
 (one stalled device does not stretch everyone's wait), raised to the age of the streams in progress
 when those already run longer (a slow link is noticed before its first stream finishes).
 
+Hints reach no further than the evidence behind them: at most `TRUST` times as far ahead as the queue
+has existed (at least `TRUST_MIN_S`). The stream times measured in the first second of a burst are
+those of streams competing with every device's TLS handshake and first call, two to four times the
+steady state, and nearly every device of the burst asks in that second; hints extrapolated 30 s from
+them sent most of a 400-device burst to sleep far past its turn, and after 8 s the 12 slots averaged
+2-3 streams while 150 devices slept (benchmarks/RESULTS.md, session 15). Capped, a device far back is
+told to come back within a few seconds, then gets a longer hint from a better estimate; in a queue
+that has existed for a while the cap is out of the way.
+
 Pure bookkeeping over device names and a clock, no gRPC: the servicer maps the answers to messages.
 """
 
@@ -49,6 +58,13 @@ MAX_RETRY_S = 30.0
 #: for them (measured with 200 devices and 12 slots: at the plain estimate ~5 streams on average, at
 #: 0.75 of it 11.3, at 0.5 of it 11.2 but 6.6 polls per upload instead of 4.3).
 EARLY = 0.75
+#: A hint reaches at most TRUST x the age of the queue (the time since it last formed) ahead, and at
+#: least TRUST_MIN_S (see the module docstring). Measured (ad-hoc A/B, 200 TLS devices, 3 bursts each):
+#: ingest / raw gRPC 0.47 uncapped, 0.56 / 0.64 with factor 2 / 4, 4.3 / 4.9 / 4.8 slot requests per
+#: upload; 400 devices, factor 2 / 4 / 8: 0.61 / 0.65 / 0.61 (uncapped 0.37 in an earlier run), 5.5 /
+#: 5.5 / 3.7 requests, 11.4 / 11.4 / 8.4 of 12 slots streaming.
+TRUST = 4.0
+TRUST_MIN_S = 1.0
 #: The stream duration assumed until one has been measured: a 6 MB delta over a fast link. Optimistic on
 #: purpose (see the module docstring); slow links correct it within one stream time.
 INITIAL_STREAM_S = 0.05
@@ -69,6 +85,8 @@ class UploadSlots:
     `grant_ttl_s`: how long a granted slot waits for its stream before it is given to the next device.
     `queue_ttl_s`: a waiting device that has not asked again for this long has gone away and loses its
     place (it joins at the back if it returns).
+    `trust`: hints reach at most this many times the queue's age ahead (see the module docstring);
+    None: as far as the estimate says (up to MAX_RETRY_S).
     `parked`: how many devices without a slot may wait *in* `acquire` (a long poll, each holding a
     handler thread) for up to `park_s`, so that a freed slot is taken at once instead of at the next
     poll.
@@ -81,6 +99,7 @@ class UploadSlots:
         grant_ttl_s: float = 10.0,
         queue_ttl_s: float = 30.0,
         initial_stream_s: float = INITIAL_STREAM_S,
+        trust: float | None = TRUST,
         parked: int = 0,
         park_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -101,7 +120,9 @@ class UploadSlots:
         self._streaming: dict[str, float] = {}  # device -> stream start
         self._waiting: OrderedDict[str, float] = OrderedDict()  # device -> last time it asked
         self._initial_stream_s = initial_stream_s
+        self._trust = trust
         self._durations: deque[float] = deque(maxlen=2 * capacity)  # the latest finished streams
+        self._queued_since = clock()  # when the queue last went from empty to non-empty
 
     # ------------------------------------------------------------------ device-facing
 
@@ -133,6 +154,8 @@ class UploadSlots:
         if device in self._streaming:
             # Its previous stream has not ended on this side yet; the new one will be told so.
             return Grant(True, self._grant_ttl)
+        if not self._waiting:
+            self._queued_since = now  # a new queue: nothing seen of how fast it drains yet
         self._waiting[device] = now  # joins at the back, or keeps its place and refreshes it
         if self._has_free_slot(device):
             del self._waiting[device]
@@ -179,10 +202,13 @@ class UploadSlots:
     def _refusal(self, position: int) -> Grant:
         """No slot for a device with `position` devices queued ahead, and when to ask again: with every
         slot streaming, one frees about every stream_s / capacity seconds (Little's law), and its turn
-        is that many freed slots away."""
+        is that many freed slots away; no further ahead than the queue's age allows (`TRUST`)."""
         turns = max(position - (self.capacity - self._in_use()), 0) + 1
         hint = EARLY * turns * self._stream_estimate() / self.capacity
-        return Grant(False, min(max(hint, MIN_RETRY_S), MAX_RETRY_S), position)
+        hint = min(max(hint, MIN_RETRY_S), MAX_RETRY_S)
+        if self._trust is not None:
+            hint = min(hint, max(TRUST_MIN_S, self._trust * (self._clock() - self._queued_since)))
+        return Grant(False, hint, position)
 
     def _stream_estimate(self) -> float:
         """How long an upload stream takes: the median of the latest finished ones (the a-priori guess
