@@ -387,8 +387,8 @@ class SyncClient:
     ) -> Task:
         """Poll GetTask until the answer is "train" or "done" (honouring retry_after), or time out.
 
-        Returns the last "wait" task if `timeout_s` passes or `stop` is set first. Hangs up while a pause
-        is `HANG_UP_WAIT_S` or longer.
+        Returns the last "wait" task if `timeout_s` passes or `stop` is set first. Hangs up while it
+        waits (`idle`).
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -401,13 +401,19 @@ class SyncClient:
                 if remaining <= 0:
                     return task
                 pause = min(pause, remaining)
-            if pause >= HANG_UP_WAIT_S:
-                self.close()  # nothing to say until then: the coordinator holds no memory for us
-            if stop is not None:
-                if stop.wait(pause):
-                    return task
-            else:
-                self._sleep(pause)
+            if self.idle(pause, stop):
+                return task
+
+    def idle(self, seconds: float, stop: threading.Event | None = None) -> bool:
+        """Wait `seconds` with nothing to say, hanging up first if that is `HANG_UP_WAIT_S` or longer (the
+        next call reconnects): the coordinator then holds no connection state for this device meanwhile.
+        True if `stop` was set during the wait."""
+        if seconds >= HANG_UP_WAIT_S:
+            self.close()
+        if stop is not None:
+            return stop.wait(seconds)
+        self._sleep(seconds)
+        return False
 
     def download_generalist(self, version: int | None = None) -> Generalist:
         """Download (and verify) a generalist version, the latest if None; resumes after transient errors."""
@@ -606,8 +612,6 @@ class SyncClient:
             if grant.granted:
                 return
             wait = grant.retry_after_ms / 1000 * self._rng.uniform(1.0, 1.1)  # de-synchronise the queue
-            if wait >= HANG_UP_WAIT_S:
-                self.close()  # queued: the coordinator holds no memory for us while we sleep
             if time.monotonic() + wait > deadline:
                 raise SyncError(
                     "AcquireUploadSlot",
@@ -616,7 +620,7 @@ class SyncClient:
                     f"ahead, {grant.slots} slots); try again later",
                     1,
                 )
-            self._sleep(wait)
+            self.idle(wait)  # queued: hung up while we sleep, if the wait is long enough
 
     def _chunks(self, header: pb.UploadHeader, payload: bytes) -> Iterator[pb.UploadDeltaRequest]:
         yield pb.UploadDeltaRequest(header=header)

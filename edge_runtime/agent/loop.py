@@ -497,8 +497,6 @@ class DeviceAgent:
             self._train(r)
 
     def _next_task(self, r: Mapping[str, Any] | None) -> Any:
-        from edge_runtime.sync_client import HANG_UP_WAIT_S
-
         waiting = False
         while True:
             task = self._sync("ask", self.client.get_task)
@@ -510,10 +508,7 @@ class DeviceAgent:
             if not waiting:
                 self.log(f"waiting for the next round ({task.message or task.round_state or 'no open round'})")
                 waiting = True
-            pause = min(max(task.retry_after_s, 0.05), 10.0)
-            if pause >= HANG_UP_WAIT_S:
-                self.client.close()  # reconnects on the next call; the coordinator frees our TLS state
-            time.sleep(pause)
+            self.client.idle(min(max(task.retry_after_s, 0.05), 10.0))
 
     def _start_round(self, task: Any) -> dict[str, Any]:
         import torch

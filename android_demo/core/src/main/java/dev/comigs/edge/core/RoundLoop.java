@@ -98,11 +98,7 @@ public final class RoundLoop {
               "no task from the coordinator for " + options.idleTimeoutMs + " ms (last: " + task.action + ", "
                   + task.message + ")");
         }
-        long pause = Math.max(50, Math.min(task.retryAfterMs, options.maxPollMs));
-        if (pause >= SyncClient.HANG_UP_WAIT_MS) {
-          client.hangUp(); // nothing to say until then
-        }
-        Thread.sleep(pause);
+        client.idle(Math.max(50, Math.min(task.retryAfterMs, options.maxPollMs)));
         continue;
       }
       trainAndUpload(task, uploaded);

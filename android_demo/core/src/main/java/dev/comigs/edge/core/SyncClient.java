@@ -296,6 +296,17 @@ public final class SyncClient implements AutoCloseable {
     }
   }
 
+  /**
+   * Wait with nothing to say, hanging up first if the wait is {@link #HANG_UP_WAIT_MS} or longer (the
+   * next call reconnects): the coordinator then holds no connection state for this device meanwhile.
+   */
+  public void idle(long ms) throws InterruptedException {
+    if (ms >= HANG_UP_WAIT_MS) {
+      hangUp();
+    }
+    Thread.sleep(ms);
+  }
+
   @Override
   public synchronized void close() {
     if (channel == null) {
@@ -518,10 +529,7 @@ public final class SyncClient implements AutoCloseable {
             "no upload slot within " + options.transferTimeoutMs + " ms (" + grant.getQueuePosition()
                 + " devices ahead, " + grant.getSlots() + " slots); try again later", 1);
       }
-      if (wait >= HANG_UP_WAIT_MS) {
-        hangUp(); // queued: the coordinator holds no connection state for us while we sleep
-      }
-      Thread.sleep(wait);
+      idle(wait); // queued: hung up while we sleep, if the wait is long enough
     }
   }
 
