@@ -161,7 +161,7 @@ class UploadSlots:
             del self._waiting[device]
             self._granted[device] = now + self._grant_ttl
             return Grant(True, self._grant_ttl)
-        return self._refusal(list(self._waiting).index(device))
+        return self._refusal(list(self._waiting).index(device), now)
 
     def enter(self, device: str) -> Grant:
         """An upload stream starts: admitted if the device holds a grant or a slot is free beyond those
@@ -172,7 +172,7 @@ class UploadSlots:
             if device in self._granted:
                 del self._granted[device]
             elif not self._has_free_slot(device):
-                return self._refusal(len(self._waiting))
+                return self._refusal(len(self._waiting), now)
             self._waiting.pop(device, None)
             self._streaming[device] = now
             return Grant(True, 0.0)
@@ -199,22 +199,21 @@ class UploadSlots:
 
     # ------------------------------------------------------------------ internals
 
-    def _refusal(self, position: int) -> Grant:
+    def _refusal(self, position: int, now: float) -> Grant:
         """No slot for a device with `position` devices queued ahead, and when to ask again: with every
         slot streaming, one frees about every stream_s / capacity seconds (Little's law), and its turn
         is that many freed slots away; no further ahead than the queue's age allows (`TRUST`)."""
         turns = max(position - (self.capacity - self._in_use()), 0) + 1
-        hint = EARLY * turns * self._stream_estimate() / self.capacity
+        hint = EARLY * turns * self._stream_estimate(now) / self.capacity
         hint = min(max(hint, MIN_RETRY_S), MAX_RETRY_S)
         if self._trust is not None:
-            hint = min(hint, max(TRUST_MIN_S, self._trust * (self._clock() - self._queued_since)))
+            hint = min(hint, max(TRUST_MIN_S, self._trust * (now - self._queued_since)))
         return Grant(False, hint, position)
 
-    def _stream_estimate(self) -> float:
+    def _stream_estimate(self, now: float) -> float:
         """How long an upload stream takes: the median of the latest finished ones (the a-priori guess
         before any), or the median age of those in progress if they already run longer."""
         finished = statistics.median(self._durations) if self._durations else self._initial_stream_s
-        now = self._clock()
         ages = sorted(now - started for started in self._streaming.values())
         return max(finished, ages[len(ages) // 2]) if ages else finished
 
