@@ -32,6 +32,7 @@ from sync_service.faults import crash_point
 from sync_service.ingest import ReceivedUpload
 from sync_service.metrics import SyncMetrics
 from sync_service.store import RoundRow, Store, UploadRow
+from sync_service.thread_names import name_current_thread
 from sync_service.validation import UploadRequest
 
 log = logging.getLogger("sync_service.rounds")
@@ -105,6 +106,7 @@ class RoundManager:
             self._thread.join(timeout=60)
 
     def _run(self, tick_interval_s: float) -> None:
+        name_current_thread()
         while not self._stop.is_set():
             try:
                 self.tick()

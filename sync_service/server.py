@@ -41,6 +41,7 @@ from sync_service.proto import sync_pb2 as pb
 from sync_service.proto import sync_pb2_grpc as pb_grpc
 from sync_service.rounds import RoundManager, TaskView, UploadAck
 from sync_service.store import Store, StoreError
+from sync_service.thread_names import name_current_thread
 from sync_service.validation import ENCODING_ENUMS, check_upload_header, max_upload_bytes
 
 log = logging.getLogger("sync_service.server")
@@ -503,7 +504,9 @@ class SyncServer:
         if config.connection_limit:
             options.append(("grpc.max_allowed_incoming_connections", config.connection_limit))
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="sync-rpc"),
+            futures.ThreadPoolExecutor(
+                max_workers=config.max_workers, thread_name_prefix="sync-rpc", initializer=name_current_thread
+            ),
             options=options,
         )
         servicer = SyncServicer(self.store, self.rounds, self.metrics, config)
