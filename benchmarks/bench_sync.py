@@ -146,10 +146,13 @@ def serve_raw(
 
     from sync_service.config import ServerConfig
     from sync_service.server import grpc_server_options
+    from sync_service.thread_names import name_current_thread
 
     max_message = ServerConfig.__dataclass_fields__["max_message_bytes"].default
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
+        futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="sync-rpc", initializer=name_current_thread
+        ),
         options=grpc_server_options(max_message) + list(extra_options),
     )  # exactly the coordinator's transport
     pb_grpc.add_SyncServiceServicer_to_server(Trivial(), server)
@@ -161,6 +164,48 @@ def serve_raw(
     server.start()
     Path(ready_file).write_text(json.dumps({"port": port, "pid": os.getpid()}))
     server.wait_for_termination()
+
+
+def coordinator_command(
+    state_dir: Path,
+    cert: Path,
+    key: Path,
+    ready_file: Path,
+    *,
+    min_devices: int,
+    rounds: int,
+    max_workers: int,
+    upload_slots: int | None,
+    max_connections: int | None,
+    malloc_arenas: int,
+) -> list[str]:
+    """`comigs sync serve` on a free loopback port with TLS, one round per burst of `min_devices` uploads."""
+    command = [sys.executable, "-m", "sync_service", "serve", "--state-dir", str(state_dir)]
+    command += ["--listen", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key)]
+    command += ["--metrics-listen", "127.0.0.1:0", "--ready-file", str(ready_file), "--log-level", "warning"]
+    command += ["--min-devices", str(min_devices), "--round-timeout", "3600", "--rounds", str(rounds)]
+    command += ["--max-workers", str(max_workers), "--malloc-arenas", str(malloc_arenas)]
+    if upload_slots is not None:
+        command += ["--upload-slots", str(upload_slots)]
+    if max_connections is not None:
+        command += ["--max-connections", str(max_connections)]
+    return command
+
+
+def start_reference_server(
+    mode: str, cert: Path, key: Path, tmp: Path, max_workers: int, malloc_arenas: int, env: dict[str, str]
+) -> tuple[subprocess.Popen, Path, Path]:
+    """`serve_raw` in its own process (mode "trivial" or "store"); returns (process, ready file, log file)."""
+    ready_file, log_file = tmp / f"{mode}.json", tmp / f"{mode}.log"
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--serve-raw", str(cert), str(key), str(ready_file)]
+            + [str(max_workers), mode, str(malloc_arenas)],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+    return process, ready_file, log_file
 
 
 # ------------------------------------------------------------------------------------ measurement
@@ -412,50 +457,21 @@ def main(argv: list[str] | None = None) -> int:
 
         chunk = args.chunk_kib * 1024
         ready, server_log = tmp / "ready.json", tmp / "server.log"
-        command = [
-            sys.executable,
-            "-m",
-            "sync_service",
-            "serve",
-            "--state-dir",
-            str(tmp / "state"),
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(key),
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--ready-file",
-            str(ready),
-            "--min-devices",
-            str(args.devices),
-            "--round-timeout",
-            "3600",
-            "--rounds",
-            str(args.repeat),
-            "--max-workers",
-            str(args.max_workers),
-            "--log-level",
-            "warning",
-        ]
-        if args.upload_slots is not None:
-            command += ["--upload-slots", str(args.upload_slots)]
-        if args.max_connections is not None:
-            command += ["--max-connections", str(args.max_connections)]
-        command += ["--malloc-arenas", str(args.malloc_arenas)]
+        command = coordinator_command(
+            tmp / "state",
+            cert,
+            key,
+            ready,
+            min_devices=args.devices,
+            rounds=args.repeat,
+            max_workers=args.max_workers,
+            upload_slots=args.upload_slots,
+            max_connections=args.max_connections,
+            malloc_arenas=args.malloc_arenas,
+        )
+
         def reference_server(mode: str) -> tuple[subprocess.Popen, Path, Path]:
-            ready_file, log_file = tmp / f"{mode}.json", tmp / f"{mode}.log"
-            with open(log_file, "wb") as log:
-                process = subprocess.Popen(
-                    [sys.executable, __file__, "--serve-raw", str(cert), str(key), str(ready_file)]
-                    + [str(args.max_workers), mode, str(args.malloc_arenas)],
-                    env=env,
-                    stdout=log,
-                    stderr=log,
-                )
-            return process, ready_file, log_file
+            return start_reference_server(mode, cert, key, tmp, args.max_workers, args.malloc_arenas, env)
 
         raw, raw_ready, raw_log = reference_server("trivial")
         floor, floor_ready, floor_log = reference_server("store")
