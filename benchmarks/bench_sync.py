@@ -166,30 +166,24 @@ def serve_raw(
     server.wait_for_termination()
 
 
-def coordinator_command(
-    state_dir: Path,
-    cert: Path,
-    key: Path,
-    ready_file: Path,
-    *,
-    min_devices: int,
-    rounds: int,
-    max_workers: int,
-    upload_slots: int | None,
-    max_connections: int | None,
-    malloc_arenas: int,
-) -> list[str]:
-    """`comigs sync serve` on a free loopback port with TLS, one round per burst of `min_devices` uploads."""
+def start_coordinator(
+    state_dir: Path, cert: Path, key: Path, tmp: Path, args: argparse.Namespace, env: dict[str, str]
+) -> tuple[subprocess.Popen, Path, Path]:
+    """`comigs sync serve` on a free loopback port with TLS, one round per burst of `args.devices` uploads,
+    with the benchmark's server flags; returns (process, ready file, log file)."""
+    ready_file, log_file = tmp / "ready.json", tmp / "server.log"
     command = [sys.executable, "-m", "sync_service", "serve", "--state-dir", str(state_dir)]
     command += ["--listen", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key)]
     command += ["--metrics-listen", "127.0.0.1:0", "--ready-file", str(ready_file), "--log-level", "warning"]
-    command += ["--min-devices", str(min_devices), "--round-timeout", "3600", "--rounds", str(rounds)]
-    command += ["--max-workers", str(max_workers), "--malloc-arenas", str(malloc_arenas)]
-    if upload_slots is not None:
-        command += ["--upload-slots", str(upload_slots)]
-    if max_connections is not None:
-        command += ["--max-connections", str(max_connections)]
-    return command
+    command += ["--min-devices", str(args.devices), "--round-timeout", "3600", "--rounds", str(args.repeat)]
+    command += ["--max-workers", str(args.max_workers), "--malloc-arenas", str(args.malloc_arenas)]
+    if args.upload_slots is not None:
+        command += ["--upload-slots", str(args.upload_slots)]
+    if args.max_connections is not None:
+        command += ["--max-connections", str(args.max_connections)]
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+    return process, ready_file, log_file
 
 
 def start_reference_server(
@@ -456,27 +450,13 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
 
         chunk = args.chunk_kib * 1024
-        ready, server_log = tmp / "ready.json", tmp / "server.log"
-        command = coordinator_command(
-            tmp / "state",
-            cert,
-            key,
-            ready,
-            min_devices=args.devices,
-            rounds=args.repeat,
-            max_workers=args.max_workers,
-            upload_slots=args.upload_slots,
-            max_connections=args.max_connections,
-            malloc_arenas=args.malloc_arenas,
-        )
 
         def reference_server(mode: str) -> tuple[subprocess.Popen, Path, Path]:
             return start_reference_server(mode, cert, key, tmp, args.max_workers, args.malloc_arenas, env)
 
         raw, raw_ready, raw_log = reference_server("trivial")
         floor, floor_ready, floor_log = reference_server("store")
-        with open(server_log, "wb") as log:
-            server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+        server, ready, server_log = start_coordinator(tmp / "state", cert, key, tmp, args, env)
         try:
             raw_info = wait_ready(raw_ready, raw, raw_log)
             floor_info = wait_ready(floor_ready, floor, floor_log)

@@ -6,8 +6,9 @@ CPU time and context switches from /proc before and after each burst. Threads ar
 name (`sync_service/thread_names.py`): "sync-rpc" are the handler threads (the three servers share the
 thread pool setup), "event_engine" and the like are gRPC core's own threads (TLS, HTTP/2, polling),
 "python" are Python threads without an OS name (gRPC's message-delivery thread and the idle main
-thread); "(threads that ended)" is CPU of threads that exited during the burst. The bench process's own
-CPU is reported as "client" (the devices' threads).
+thread); "(threads that ended)" is the process's CPU not found in a live thread: threads that exited
+during the burst, plus rounding (each thread counts in clock ticks, 10 ms, so few devices blur it).
+The bench process's own CPU is reported as "client" (the devices' threads).
 
 The ratio and the totals are noisy on a shared VM (compare servers within one run, not across runs); the
 split is what this is for: what the coordinator spends beyond gRPC itself, and where. Linux only.
@@ -21,7 +22,6 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sync import (  # noqa: E402
     DISTINCT_DELTAS,
-    coordinator_command,
     make_cert,
     run_uploads,
     smollm2_shapes,
+    start_coordinator,
     start_reference_server,
     wait_published,
     wait_ready,
@@ -108,22 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             mode: start_reference_server(mode_arg, cert, key, tmp, args.max_workers, args.malloc_arenas, env)
             for mode, mode_arg in (("trivial", "trivial"), ("floor", "store"))
         }
-        ready, log_path = tmp / "ready.json", tmp / "server.log"
-        command = coordinator_command(
-            tmp / "state",
-            cert,
-            key,
-            ready,
-            min_devices=args.devices,
-            rounds=args.repeat,
-            max_workers=args.max_workers,
-            upload_slots=args.upload_slots,
-            max_connections=args.max_connections,
-            malloc_arenas=args.malloc_arenas,
-        )
-        with open(log_path, "wb") as log:
-            coordinator = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
-        processes["coordinator"] = (coordinator, ready, log_path)
+        processes["coordinator"] = start_coordinator(tmp / "state", cert, key, tmp, args, env)
         try:
             infos = {name: wait_ready(ready_file, p, log) for name, (p, ready_file, log) in processes.items()}
             for rep in range(1, args.repeat + 1):
