@@ -3,7 +3,6 @@ the previous one plus the sample-weighted mean of the deltas."""
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import numpy as np
@@ -180,19 +179,17 @@ def test_one_upload_stream_per_device_at_a_time(coordinator_factory) -> None:
     coordinator = coordinator_factory(["a", "b"], RoundConfig(min_devices=2, round_timeout_s=60, rounds=1))
     stalled = StalledUpload(coordinator, "a", "slow-1")
     try:
-        # Until the first stream's handler runs, the probe (aimed at a round that does not exist, so it can
-        # never count) gets FAILED_PRECONDITION; once it runs, the probe must get ABORTED.
+        # Probe only once the server holds the first stream (admitted to its upload slot): a probe sent
+        # earlier could win the race and make the *first* stream the refused one.
+        coordinator.wait_for(lambda: coordinator.server.metrics.registry.get_sample_value(
+            "comigs_sync_upload_slots_streaming"
+        ) == 1)
+        # The probe aims at a round that does not exist, so it could never count if it were let through.
         probe = [pb.UploadDeltaRequest(header=pb.UploadHeader(**{**_fields(stalled.header), "round_id": 99}))]
-        for _ in range(200):
-            with pytest.raises(grpc.RpcError) as info:
-                stalled.stub.UploadDelta(iter(probe), metadata=stalled.metadata, timeout=10)
-            if info.value.code() == grpc.StatusCode.ABORTED:
-                assert "still in progress" in info.value.details()
-                break
-            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
-            time.sleep(0.01)
-        else:
-            raise AssertionError("the concurrent upload was never refused")
+        with pytest.raises(grpc.RpcError) as info:
+            stalled.stub.UploadDelta(iter(probe), metadata=stalled.metadata, timeout=10)
+        assert info.value.code() == grpc.StatusCode.ABORTED, info.value.details()
+        assert "still in progress" in info.value.details()
         stalled.release()
     finally:
         stalled.close()
