@@ -26,7 +26,6 @@ Reliability built in:
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import random
@@ -42,6 +41,7 @@ import grpc
 import numpy as np
 
 from sync_service import encoding as wire
+from sync_service.addresses import is_loopback_target
 from sync_service.proto import sync_pb2 as pb
 from sync_service.proto import sync_pb2_grpc as pb_grpc
 
@@ -191,17 +191,6 @@ class _State:
             os.close(fd)
 
 
-def _is_loopback_target(target: str) -> bool:
-    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class SyncClient:
     """A connection to one coordinator, acting as the device that owns `token`.
 
@@ -257,7 +246,7 @@ class SyncClient:
             *channel_options,
         ]
         if insecure:
-            if not _is_loopback_target(target):
+            if not is_loopback_target(target):
                 raise ValueError(
                     f"refusing an insecure channel to {target!r}: only loopback targets may skip TLS"
                 )

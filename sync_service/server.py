@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import ipaddress
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sync_service import faults
+from sync_service.addresses import is_loopback, split_host_port
 from sync_service.admission import UploadSlots
 from sync_service.auth import Authenticator
 from sync_service.config import ServerConfig
@@ -460,21 +460,11 @@ def grpc_server_options(max_message_bytes: int, idle_connection_s: float = 120.0
     ]
 
 
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def split_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
-    return host, int(port)
+    try:
+        return split_host_port(listen)
+    except ValueError:
+        raise ValueError(f"listen address must be HOST:PORT, got {listen!r}") from None
 
 
 class SyncServer:

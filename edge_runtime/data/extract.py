@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
+from edge_runtime.data.stdlib_corpus import stdlib_modules
+
 MIN_DOC_CHARS = 200
 # Long texts (a play, a 300k-character kernel document, a long article) are cut into sections of at most
 # this many characters at paragraph boundaries, and each section is a document for splitting. With whole
@@ -433,15 +435,6 @@ def wikipedia_sample(root: Path, source: str = "gensim") -> list[Document]:
 
 
 def python_stdlib(root: Path, source: str = "python-stdlib", max_file_chars: int = 20_000) -> list[Document]:
-    """Top-level modules of a standard library directory, read exactly as `stdlib_corpus.stdlib_documents`
-    reads them (files under 500 characters skipped, each cut to `max_file_chars`), keyed by file name."""
-    documents = []
-    for path in sorted(root.glob("*.py")):
-        try:
-            text = path.read_text(encoding="utf-8")[:max_file_chars]
-        except (UnicodeDecodeError, OSError):
-            continue
-        if len(text) < 500:
-            continue
-        documents.append(Document(source, path.name, text))
-    return documents
+    """Top-level modules of a standard library directory, keyed by file name: the same files and text
+    as the demo's corpus (`stdlib_corpus.stdlib_modules` reads both)."""
+    return [Document(source, name, text) for name, text in stdlib_modules(root, max_file_chars)]

@@ -26,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import tempfile
 import zipfile
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from edge_runtime.data.stdlib_corpus import stdlib_root
 from edge_runtime.storage import atomic_write_bytes, sha256_file
 
 CACHE_ENV = "COMIGS_SOURCES_CACHE"
@@ -148,7 +148,7 @@ def _first_error_line(text: str, markers: Sequence[str]) -> str:
 def stdlib_source() -> FetchedSource:
     """The running interpreter's standard library as a source: identified by the Python version and the
     sha256 over its top-level modules (names and bytes), the files `extract.python_stdlib` reads."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     digest, total, count = hashlib.sha256(), 0, 0
     for path in sorted(root.glob("*.py")):
         data = path.read_bytes()
