@@ -11,7 +11,8 @@ What it measures, in one run on this machine (loopback, TLS, coordinator in its 
 * server memory: peak RSS (VmHWM, ingest + aggregation) minus the idle RSS, over one delta's size;
 * int8: payload bytes over fp32 bytes, and the reconstruction error.
 
-The delta: 30 layers x (gate, up, down) LoRA rank 8, d_model 576, d_ff 1536 (1,520,640 floats, 6.08 MB).
+The delta: SmolLM2-135M's 1G1S generalist as the model code names and shapes it: 30 layers x (gate, up,
+down) LoRA rank 8, d_model 576, d_ff 1536 (1,520,640 floats, 6.08 MB).
 Targets (issue 3): ingest >= 0.7 x raw gRPC, peak RSS <= 4 x delta + idle, int8 <= 0.27 x fp32.
 Results are merged into benchmarks/results.json under "sync" (other sections are kept).
 
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_file import RESULTS, update_section  # noqa: E402
 
+from edge_runtime import roles  # noqa: E402
 from edge_runtime.agent.certificate import make_certificate  # noqa: E402
 from edge_runtime.sync_client import DEFAULT_CHUNK_BYTES, RetryPolicy, SyncClient  # noqa: E402
 from sync_service import encoding  # noqa: E402
@@ -49,23 +51,18 @@ from sync_service.allocator import DEFAULT_ARENAS, limit_malloc_arenas  # noqa: 
 from sync_service.auth import add_device  # noqa: E402
 from sync_service.store import Store  # noqa: E402
 
-LAYERS, D_MODEL, D_FF, RANK = 30, 576, 1536, 8
+RANK = 8
 TARGETS = {"ingest_over_raw_grpc": 0.7, "server_rss_over_delta": 4.0, "int8_bytes_over_fp32": 0.27}
 DISTINCT_DELTAS = 8
 
 
 def smollm2_shapes() -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for layer in range(LAYERS):
-        for proj, (d_in, d_out) in {
-            "gate": (D_MODEL, D_FF),
-            "up": (D_MODEL, D_FF),
-            "down": (D_FF, D_MODEL),
-        }.items():
-            prefix = f"model.layers.{layer}.mlp.{proj}_proj.experts.0"
-            shapes[f"{prefix}.lora_A"] = (1, RANK, d_in)
-            shapes[f"{prefix}.lora_B"] = (1, d_out, RANK)
-    return shapes
+    """The generalist a SmolLM2-135M device with one generalist and one specialist (rank 8) uploads: the
+    names and shapes the model code gives it (built without weights), so the payload is a real one."""
+    from edge_runtime.model.config import CoMiGSConfig  # torch: only here, never in the servers
+    from edge_runtime.model.factory import generalist_shapes
+
+    return generalist_shapes("default", CoMiGSConfig(n_generalists=1, n_specialists=1, rank=RANK))
 
 
 def make_cert(directory: Path) -> tuple[Path, Path, bytes]:
@@ -442,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         cert, key, cert_pem = make_cert(tmp)
         generalist = {
-            n: (rng.uniform(-0.04, 0.04, size=s) if n.endswith("lora_A") else np.zeros(s)).astype(np.float32)
+            n: (rng.uniform(-0.04, 0.04, size=s) if n.endswith(roles.GENERALIST_A) else np.zeros(s)).astype(np.float32)
             for n, s in shapes.items()
         }
         store = Store.initialise(tmp / "state", generalist)

@@ -172,6 +172,18 @@ def test_heterogeneous_devices_share_one_generalist_state(n_specialists):
     assert not any(roles.role_of(n) is not roles.Role.GENERALIST for n in state)
 
 
+
+@pytest.mark.parametrize(("g", "s", "attention_lora"), [(1, 1, False), (2, 6, True)])
+def test_generalist_shapes_without_weights_equal_a_built_models(tmp_path, g, s, attention_lora):
+    from edge_runtime.model.factory import build_comigs_model, generalist_shapes
+
+    tiny_base("llama").save_pretrained(tmp_path / "base")
+    config = CoMiGSConfig(g, s, rank=4, attention_lora=attention_lora)
+    built, _ = build_comigs_model(tmp_path / "base", config, with_tokenizer=False)
+    expected = {name: tuple(t.shape) for name, t in roles.generalist_state(built).items()}
+    assert generalist_shapes(tmp_path / "base", config) == expected
+    assert list(generalist_shapes(tmp_path / "base", config)) == list(expected)  # same order too
+
 def test_expert_groups_sort_slots_by_expert_and_skip_empty_experts():
     from edge_runtime.model.grouped_experts import ExpertGroups
 

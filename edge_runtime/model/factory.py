@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from edge_runtime import roles
 from edge_runtime.model.adapters import load_adapters, read_adapter_config
 from edge_runtime.model.config import CoMiGSConfig
 from edge_runtime.model.inject import inject_comigs
-from edge_runtime.model.loading import load_base_model
+from edge_runtime.model.loading import base_model_skeleton, load_base_model
 
 
 def build_comigs_model(source: str | Path, config: CoMiGSConfig | None = None,
@@ -27,3 +28,13 @@ def build_comigs_model(source: str | Path, config: CoMiGSConfig | None = None,
     if adapters:
         load_adapters(model, adapters)
     return model, tokenizer
+
+
+def generalist_shapes(source: str | Path, config: CoMiGSConfig) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor a device with layout `config` on the base model at `source` sends
+    to the coordinator (the manifest `comigs sync init` is given), decided by the model code itself and
+    the naming contract, without loading a weight: benchmarks size realistic deltas with it."""
+    model = base_model_skeleton(source)
+    with torch.device("meta"):
+        inject_comigs(model, config)
+    return {name: tuple(p.shape) for name, p in roles.named_parameters_by_role(model, roles.Role.GENERALIST)}

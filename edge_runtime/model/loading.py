@@ -116,9 +116,9 @@ def _page_in(model: nn.Module) -> None:
                 tensor.detach().reshape(-1).max()
 
 
-def count_base_parameters(source: str | Path = DEFAULT_MODEL) -> int:
-    """Parameters of the base model at `source`, without loading its weights (meta device), so a
-    device can decide how to load it before it commits any memory."""
+def base_model_skeleton(source: str | Path = DEFAULT_MODEL) -> nn.Module:
+    """The base model at `source` with every module and parameter shape but no weights (meta device):
+    reads only its config, so a device (or a tool) can size things before it commits any memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory, gguf_file = resolve_model_source(source)
@@ -127,8 +127,13 @@ def count_base_parameters(source: str | Path = DEFAULT_MODEL) -> int:
         kwargs["gguf_file"] = gguf_file
     config = AutoConfig.from_pretrained(directory, **kwargs)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_base_parameters(source: str | Path = DEFAULT_MODEL) -> int:
+    """Parameters of the base model at `source`, without loading its weights, so a device can decide
+    how to load it before it commits any memory."""
+    return sum(p.numel() for p in base_model_skeleton(source).parameters())
 
 
 def is_gguf_source(source: str | Path) -> bool:
