@@ -245,7 +245,10 @@ def _add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: igno
     )
     _state_dir_arg(export)
     export.add_argument("out", metavar="OUT.safetensors")
-    export.add_argument("--version", type=int, default=None)
+    export.add_argument(
+        "--version", type=int, default=None, metavar="VERSION",
+        help="generalist version (0: the initial one; `comigs sync status` lists them); None: the latest",
+    )
     export.set_defaults(func=_cmd_export)
 
 
@@ -277,16 +280,15 @@ def _cmd_init(args: argparse.Namespace) -> int:
     from sync_service.store import Store, StoreError
 
     try:
-        store = Store.initialise(args.state_dir, args.generalist)
+        with Store.initialise(args.state_dir, args.generalist) as store:
+            print(
+                f"initialised {store.root}: {len(store.manifest)} tensors, {store.manifest.nbytes / 1e6:.2f} "
+                f"MB per fp32 delta; generalist version 0 sha256 {store.latest_generalist().sha256}"
+            )
     except StoreError as exc:
         return _fail(str(exc))
     except ValueError as exc:  # invalid tensor names in the file
         return _fail(f"cannot use {args.generalist} as the initial generalist: {exc}")
-    print(
-        f"initialised {store.root}: {len(store.manifest)} tensors, {store.manifest.nbytes / 1e6:.2f} MB "
-        f"per fp32 delta; generalist version 0 sha256 {store.latest_generalist().sha256}"
-    )
-    store.close()
     return 0
 
 
@@ -385,11 +387,10 @@ def _cmd_add_device(args: argparse.Namespace) -> int:
     from sync_service.store import Store, StoreError
 
     try:
-        store = Store(args.state_dir)
-        token = add_device(store, args.name, rotate=args.rotate)
+        with Store(args.state_dir) as store:
+            token = add_device(store, args.name, rotate=args.rotate)
     except (StoreError, ValueError) as exc:
         return _fail(str(exc))
-    store.close()
     print(token)
     print(
         f"{'rotated the token of' if args.rotate else 'enrolled'} device {args.name!r}. The token above is "
@@ -403,11 +404,10 @@ def _cmd_revoke_device(args: argparse.Namespace) -> int:
     from sync_service.store import Store, StoreError
 
     try:
-        store = Store(args.state_dir)
-        changed = store.revoke_device(args.name)
+        with Store(args.state_dir) as store:
+            changed = store.revoke_device(args.name)
     except StoreError as exc:
         return _fail(str(exc))
-    store.close()
     print(f"device {args.name!r} {'revoked' if changed else 'was already revoked'}")
     return 0
 
@@ -419,11 +419,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from sync_service.store import Store, StoreError
 
     try:
-        store = Store(args.state_dir)
+        with Store(args.state_dir) as store:
+            status = build_status(store, args.rounds)
     except StoreError as exc:
         return _fail(str(exc))
-    status = build_status(store, args.rounds)
-    store.close()
     print(json.dumps(status, indent=2) if args.json else render_status(status))
     return 0
 
@@ -434,14 +433,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from sync_service.store import Store, StoreError
 
     try:
-        store = Store(args.state_dir)
+        with Store(args.state_dir) as store:
+            row = store.latest_generalist() if args.version is None else store.get_generalist(args.version)
+            if row is None:
+                return _fail(f"generalist version {args.version} does not exist")
+            shutil.copyfile(store.root / row.path, args.out)
     except StoreError as exc:
         return _fail(str(exc))
-    row = store.latest_generalist() if args.version is None else store.get_generalist(args.version)
-    if row is None:
-        return _fail(f"generalist version {args.version} does not exist")
-    shutil.copyfile(store.root / row.path, args.out)
-    store.close()
+    except OSError as exc:
+        return _fail(f"cannot write {args.out}: {exc.strerror or exc}")
     print(f"wrote generalist version {row.version} to {args.out} (sha256 {row.sha256})")
     return 0
 

@@ -76,6 +76,11 @@ def test_operator_workflow(tmp_path: Path, tls) -> None:  # type: ignore[no-unty
     sync("export-generalist", "--state-dir", state, str(tmp_path / "out.safetensors"))
     exported = load_file(tmp_path / "out.safetensors")
     assert set(exported) == set(make_generalist(0)) and exported[next(iter(exported))].dtype == np.float32
+    missing = sync("export-generalist", "--state-dir", state, "--version", "7", str(tmp_path / "v7"), check=False)
+    assert missing.returncode == 1 and "version 7 does not exist" in missing.stderr
+    unwritable = sync("export-generalist", "--state-dir", state, str(tmp_path / "no" / "dir" / "g"), check=False)
+    assert unwritable.returncode == 1 and "cannot write" in unwritable.stderr, unwritable.stderr
+    assert "Traceback" not in missing.stderr + unwritable.stderr
 
 
 def test_insecure_is_refused_off_loopback_and_tls_needs_both_files(tmp_path: Path) -> None:
