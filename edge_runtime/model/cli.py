@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -29,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.set_defaults(func=run_convert)
 
 
+def _fail(message: str) -> int:
+    """Usage errors read like every other group's (`comigs export: error: ...`, exit status 2)."""
+    print(f"comigs model: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run_convert(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
@@ -37,11 +44,11 @@ def run_convert(args: argparse.Namespace) -> int:
 
     out: Path = args.out.absolute()
     if out.exists():
-        raise SystemExit(f"error: {out} already exists; choose a new --out or delete it first.")
+        return _fail(f"{out} already exists; choose a new --out or delete it first.")
     try:
         model, _ = load_base_model(args.model, dtype=parse_base_dtype(args.dtype), with_tokenizer=False)
     except ModelSourceError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        return _fail(str(exc))
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         print(f"note: {args.model} has no tokenizer; writing the model only.")
