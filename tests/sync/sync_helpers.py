@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from edge_runtime import roles
 from edge_runtime.agent.certificate import make_certificate
 from edge_runtime.sync_client import RetryPolicy, SyncClient
 from sync_service import encoding
@@ -46,9 +47,9 @@ def generalist_shapes() -> dict[str, tuple[int, ...]]:
             "up": (D_MODEL, D_FF),
             "down": (D_FF, D_MODEL),
         }.items():
-            prefix = f"model.layers.{layer}.mlp.{proj}_proj.experts.0"
-            shapes[f"{prefix}.lora_A"] = (1, RANK, d_in)
-            shapes[f"{prefix}.lora_B"] = (1, d_out, RANK)
+            prefix = f"model.layers.{layer}.mlp.experts.{proj}_proj"  # as the model code names them
+            shapes[f"{prefix}.{roles.GENERALIST_A}"] = (1, RANK, d_in)
+            shapes[f"{prefix}.{roles.GENERALIST_B}"] = (1, d_out, RANK)
     return shapes
 
 
@@ -57,7 +58,7 @@ def make_generalist(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, shape in generalist_shapes().items():
-        if name.endswith("lora_A"):
+        if name.endswith(roles.GENERALIST_A):
             tensors[name] = (rng.integers(-64, 64, size=shape) / 64).astype(np.float32)
         else:
             tensors[name] = np.zeros(shape, np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -80,20 +81,38 @@ def test_database_is_wal_with_full_sync(store: Store) -> None:
 
 
 def test_initialise_from_a_safetensors_file_of_any_float_dtype(tmp_path: Path) -> None:
-    tensors = {"a": np.arange(4, dtype=np.float16).reshape(2, 2), "b": np.ones(3, np.float64)}
+    a, b = "up.generalist_A", "up.generalist_B"
+    tensors = {a: np.arange(4, dtype=np.float16).reshape(2, 2), b: np.ones(3, np.float64)}
     save_file(tensors, tmp_path / "init.safetensors")
     store = Store.initialise(tmp_path / "s", tmp_path / "init.safetensors")
-    assert store.manifest.as_shapes() == {"a": ((2, 2), "float32"), "b": ((3,), "float32")}
+    assert store.manifest.as_shapes() == {a: ((2, 2), "float32"), b: ((3,), "float32")}
     assert store.latest_generalist().version == 0
     store.close()
     with pytest.raises(StoreError, match="already initialised"):
         Store.initialise(tmp_path / "s", tmp_path / "init.safetensors")
     with pytest.raises(StoreError, match="not an initialised"):
         Store(tmp_path / "nothing")
-    bad = {"x": np.array([np.nan], np.float32)}
+    bad = {"x.generalist_A": np.array([np.nan], np.float32)}
     with pytest.raises(StoreError, match="non-finite"):
         Store.initialise(tmp_path / "bad", bad)
     assert not (tmp_path / "bad" / "sync.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [
+        ("model.layers.0.mlp.experts.up_proj.specialist_A", "specialist"),
+        ("model.layers.0.mlp.router.weight", "router"),
+        ("model.layers.0.mlp.up_proj.weight", "frozen"),
+    ],
+)
+def test_a_coordinator_is_never_set_up_to_collect_private_tensors(tmp_path: Path, name: str, role: str) -> None:
+    """Specialists and routers never leave a device, so a generalist file holding one is refused."""
+    tensors = {"model.layers.0.mlp.experts.up_proj.generalist_A": np.zeros((1, 2, 3), np.float32),
+               name: np.zeros((2, 2), np.float32)}
+    with pytest.raises(ValueError, match=rf"{re.escape(repr(name))} is a {role} tensor"):
+        Store.initialise(tmp_path / "s", tensors)
+    assert not (tmp_path / "s" / "sync.db").exists()
 
 
 def test_recover_removes_temp_and_orphan_files(store: Store) -> None:
