@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from edge_runtime import roles
 from sync_service import encoding as wire
 from sync_service.addresses import is_loopback_target
 from sync_service.proto import sync_pb2 as pb
@@ -189,6 +190,26 @@ class _State:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _refuse_private_tensors(payload: bytes) -> None:
+    """The last check before the wire: specialists and routers never leave the device, whoever asks.
+
+    Reads only the payload's header (names), so it costs nothing next to the upload; the naming
+    contract (`edge_runtime.roles`) decides from the name alone. A malformed payload is refused here too,
+    rather than by the coordinator after it was sent.
+    """
+    decoder = wire.PayloadDecoder()
+    decoder.feed_header(payload)
+    if decoder.header is None:
+        raise ValueError(f"payload of {len(payload)} bytes ends inside its header: not an encoded delta")
+    for entry in decoder.header.entries:
+        if not wire.is_scale_name(entry.name) and not roles.is_shared(entry.name):
+            raise ValueError(
+                f"refusing to upload {entry.name!r}: it is a {roles.role_of(entry.name).value} tensor by the "
+                "naming contract (edge_runtime/roles.py), and only generalists leave the device; upload "
+                "the delta of roles.generalist_state(model)"
+            )
 
 
 class SyncClient:
@@ -492,6 +513,7 @@ class SyncClient:
         """
         if encoding not in _ENCODINGS:
             raise ValueError(f"encoding must be one of {sorted(_ENCODINGS)}, got {encoding!r}")
+        _refuse_private_tensors(payload)
         digest = hashlib.sha256(payload).digest()
         key = idempotency_key or self._key_for(round_id, base_version)
         header = pb.UploadHeader(

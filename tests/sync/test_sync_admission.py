@@ -25,6 +25,9 @@ from sync_service.proto import sync_pb2_grpc as pb_grpc
 
 from .sync_helpers import ConnectionCountingRelay, StalledUpload, make_delta, upload_header
 
+#: A well-formed delta: the client checks a payload's header (its tensors' roles) before sending it.
+PAYLOAD = encoding.encode(make_delta(0))
+
 
 class Clock:
     def __init__(self) -> None:
@@ -395,7 +398,7 @@ def test_a_coordinator_without_admission_is_asked_once_then_never_again() -> Non
     try:
         client = older.client()
         for key in ("k1", "k2"):
-            assert client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key=key).upload_id
+            assert client.upload_encoded(1, 0, PAYLOAD, 1, encoding="fp32", idempotency_key=key).upload_id
         client.close()
     finally:
         older.stop()
@@ -411,7 +414,7 @@ def test_a_device_gives_up_waiting_for_a_slot_at_its_transfer_timeout() -> None:
     try:
         client = older.client(transfer_timeout_s=0.5, retry=RetryPolicy(max_attempts=1))
         with pytest.raises(SyncError) as info:
-            client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key="k")
+            client.upload_encoded(1, 0, PAYLOAD, 1, encoding="fp32", idempotency_key="k")
         client.close()
     finally:
         older.stop()
@@ -428,7 +431,7 @@ def test_a_closed_client_never_reuses_its_old_connection() -> None:
     try:
         client = older.client()
         for i in range(20):
-            assert client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key=f"k{i}").upload_id
+            assert client.upload_encoded(1, 0, PAYLOAD, 1, encoding="fp32", idempotency_key=f"k{i}").upload_id
         client.close()
     finally:
         older.stop()
@@ -445,7 +448,7 @@ def test_a_device_queued_for_a_quarter_second_or_more_hangs_up_until_it_asks_aga
     slept: list[float] = []
     try:
         client = older.client(sleep=slept.append)
-        assert client.upload_encoded(1, 0, b"x" * 5000, 1, encoding="fp32", idempotency_key="k").upload_id
+        assert client.upload_encoded(1, 0, PAYLOAD, 1, encoding="fp32", idempotency_key="k").upload_id
         client.close()
     finally:
         older.stop()

@@ -134,3 +134,27 @@ def test_the_connection_is_closed_after_an_acknowledged_upload(coordinator_facto
     assert client.get_task().already_uploaded  # a new connection, the same device
     assert client._channel is not None and client._channel is not opened
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("leaf", "role"),
+    [("experts.up_proj.specialist_B", "specialist"), ("router.weight", "router"), ("up_proj.weight", "frozen")],
+)
+def test_only_generalists_leave_the_device(coordinator_factory, leaf, role) -> None:  # type: ignore[no-untyped-def]
+    """Whatever the caller passes, a private tensor is refused before a byte is sent."""
+    from sync_service import encoding
+
+    coordinator = coordinator_factory(["a"], RoundConfig(min_devices=1, round_timeout_s=60, rounds=1))
+    client = coordinator.client("a")
+    delta = {**make_delta(0), f"model.layers.0.mlp.{leaf}": np.zeros((2, 2), np.float32)}
+    for upload in (
+        lambda: client.upload_delta(1, 0, delta, 1),
+        lambda: client.upload_encoded(1, 0, encoding.encode(delta, "int8"), 1, encoding="int8"),
+    ):
+        with pytest.raises(ValueError, match=f"refusing to upload .*{leaf}.* a {role} tensor"):
+            upload()
+    with pytest.raises(ValueError, match="not an encoded delta|payload"):
+        client.upload_encoded(1, 0, b"\x10\x00\x00", 1, encoding="fp32")
+    with coordinator.store() as store:
+        assert store.count_uploads(1) == 0
+    assert client.upload_delta(1, 0, make_delta(0), 1).round_uploads == 1  # the generalists alone go
