@@ -81,3 +81,30 @@ def test_resume_without_state_is_refused(model_dir, data_dir, tmp_path, capsys):
     code = main(["train", "--model", str(model_dir), "--data", str(data_dir), "--out", str(tmp_path / "new"),
                  "--resume"])
     assert code == 2 and "no trainer_state.pt" in capsys.readouterr().err
+
+
+def test_demo_trains_on_the_standard_library_and_reports_both_perplexities(tmp_path, capsys):
+    """`comigs demo` end to end, on a tiny Llama with a byte tokenizer instead of SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.data.data_helpers import byte_tokenizer
+
+    model_dir = tmp_path / "byte-llama"
+    tokenizer = byte_tokenizer()
+    torch_model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id))
+    torch_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(model_dir), "--out", str(out), "--corpus-chars", "60000", "--steps", "3",
+                 "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32", "--router-every", "2",
+                 "--router-steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "[5/5]" in printed and "CoMiGS-1G1S" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["test_tokens"] > 0
+    assert np.isfinite(summary["base_test_perplexity"]) and np.isfinite(summary["comigs_test_perplexity"])
+    assert summary["comigs_test_perplexity"] != summary["base_test_perplexity"]
+    assert (out / "adapters" / "adapter_config.json").is_file()
+    assert {p.name for p in (out / "data").glob("*.npy")} == {"train.npy", "valid.npy", "test.npy"}
