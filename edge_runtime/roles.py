@@ -15,7 +15,7 @@ tensor's role from a manifest without ever building the model.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # keep this module importable without torch (manifests, coordinator tools)
@@ -65,6 +65,17 @@ def role_of(name: str) -> Role:
 def is_shared(name: str) -> bool:
     """True for tensors that may leave the device (only generalists do)."""
     return role_of(name) is Role.GENERALIST
+
+
+def check_shared(names: Iterable[str]) -> None:
+    """Raise ValueError naming the first tensor that must not leave a device. Asked at both ends of the
+    wire: by the coordinator of its initial generalist, by the sync client of every payload it sends."""
+    for name in names:
+        if not is_shared(name):
+            raise ValueError(
+                f"{name!r} is a {role_of(name).value} tensor by the naming contract (edge_runtime/roles.py), "
+                "and only generalists leave a device: use the tensors of roles.generalist_state(model)"
+            )
 
 
 def named_parameters_by_role(model: nn.Module, *roles: Role) -> Iterator[tuple[str, torch.nn.Parameter]]:

@@ -196,21 +196,17 @@ def _refuse_private_tensors(payload: bytes) -> None:
     """The last check before the wire: specialists and routers never leave the device, whoever asks.
 
     Reads only the payload's header (names; under a millisecond for a SmolLM2 delta); the naming
-    contract (`edge_runtime.roles`) decides from the name alone, and an int8 scale counts as the tensor
-    it scales. A malformed payload is refused here too, rather than by the coordinator after it was sent.
+    contract decides from the name alone. A malformed payload is refused here too, rather than by the
+    coordinator after it was sent.
     """
     decoder = wire.PayloadDecoder()
     decoder.feed_header(payload)
     if decoder.header is None:
         raise ValueError(f"payload of {len(payload)} bytes ends inside its header: not an encoded delta")
-    for entry in decoder.header.entries:
-        name = entry.name.removesuffix(wire.SCALE_SUFFIX)
-        if not roles.is_shared(name):
-            raise ValueError(
-                f"refusing to upload {entry.name!r}: it is a {roles.role_of(name).value} tensor by the "
-                "naming contract (edge_runtime/roles.py), and only generalists leave the device; upload "
-                "the delta of roles.generalist_state(model)"
-            )
+    try:  # an int8 scale counts as the tensor it scales
+        roles.check_shared(entry.name.removesuffix(wire.SCALE_SUFFIX) for entry in decoder.header.entries)
+    except ValueError as exc:
+        raise ValueError(f"refusing to upload this payload: {exc}") from None
 
 
 class SyncClient:

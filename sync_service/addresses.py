@@ -9,11 +9,12 @@ from __future__ import annotations
 import ipaddress
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """("host", port) of "host:port", "[v6]:port" included (the brackets stay on the host)."""
+def split_host_port(address: str, what: str = "address") -> tuple[str, int]:
+    """("host", port) of "host:port", "[v6]:port" included (the brackets stay on the host); `what` names
+    the address in the error."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise ValueError(f"address must be HOST:PORT, got {address!r}")
+        raise ValueError(f"{what} must be HOST:PORT, got {address!r}")
     return host, int(port)
 
 

@@ -460,13 +460,6 @@ def grpc_server_options(max_message_bytes: int, idle_connection_s: float = 120.0
     ]
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    try:
-        return split_host_port(listen)
-    except ValueError:
-        raise ValueError(f"listen address must be HOST:PORT, got {listen!r}") from None
-
-
 class SyncServer:
     """One coordinator process: gRPC server, round ticker, metrics endpoint, state-dir lock."""
 
@@ -475,7 +468,7 @@ class SyncServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         faults._target()  # fail fast on a mistyped test crash point
-        host, _ = split_listen(config.listen)
+        host, _ = split_host_port(config.listen, "listen address")
         if config.insecure and not is_loopback(host):
             raise ValueError(
                 f"refusing --insecure on {host!r}: plaintext is only allowed on a loopback address "
@@ -513,7 +506,7 @@ class SyncServer:
     def start(self) -> None:
         counts = self.store.recover(keep_uploads=self.config.keep_uploads)
         log.info("recovered state", extra={"fields": {"state_dir": str(self.store.root), **counts}})
-        host, _ = split_listen(self.config.listen)
+        host, _ = split_host_port(self.config.listen, "listen address")
         if self.config.insecure:
             bound = self._server.add_insecure_port(self.config.listen)
             # Loud on purpose: a banner on stderr for a human, a warning event for the log pipeline.
@@ -543,7 +536,7 @@ class SyncServer:
         if self.config.metrics_listen:
             from prometheus_client import start_http_server
 
-            m_host, m_port = split_listen(self.config.metrics_listen)
+            m_host, m_port = split_host_port(self.config.metrics_listen, "metrics address")
             httpd, _thread = start_http_server(m_port, m_host.strip("[]"), registry=self.metrics.registry)
             self._metrics_httpd = httpd
             self.metrics_port = httpd.server_port

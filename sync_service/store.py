@@ -23,7 +23,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.roles import Role, role_of
+from edge_runtime import roles
 from sync_service import encoding
 from sync_service.durable import fsync_dir, make_dirs_durable, write_atomic
 from sync_service.manifest import Manifest
@@ -207,20 +207,6 @@ def _upload(row: sqlite3.Row) -> UploadRow:
     return UploadRow(**{key: row[key] for key in row.keys()})
 
 
-def _refuse_private_tensors(names: Iterable[str]) -> None:
-    """A coordinator set up with a specialist or router tensor would ask every device for it, and they
-    never leave a device: the naming contract (`edge_runtime.roles`, decided from the name alone, so no
-    model is needed here) must call every tensor of the initial generalist a generalist."""
-    for name in names:
-        role = role_of(name)
-        if role is not Role.GENERALIST:
-            raise ValueError(
-                f"tensor {name!r} is a {role.value} tensor by the naming contract (edge_runtime/roles.py), "
-                "and a coordinator only collects generalists: write the initial generalist with "
-                "edge_runtime.roles.generalist_state(model), as `comigs edge demo` does"
-            )
-
-
 class Store:
     """Access to one state directory. Thread-safe; every write is one committed transaction."""
 
@@ -265,7 +251,8 @@ class Store:
         else:
             source = generalist
         try:
-            _refuse_private_tensors(source)
+            # A coordinator set up with a specialist or router tensor would ask every device for it.
+            roles.check_shared(source)
             manifest = Manifest.from_arrays(
                 {name: np.empty(np.shape(source[name]), np.float32) for name in source}
             )

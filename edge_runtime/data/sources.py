@@ -147,7 +147,8 @@ def _first_error_line(text: str, markers: Sequence[str]) -> str:
 
 def stdlib_source() -> FetchedSource:
     """The running interpreter's standard library as a source: identified by the Python version and the
-    sha256 over its top-level modules (names and bytes), the files `extract.python_stdlib` reads."""
+    sha256 over all its top-level modules (names and bytes); `extract.python_stdlib` reads those of them
+    long enough to learn from."""
     root = stdlib_root()
     digest, total, count = hashlib.sha256(), 0, 0
     for path in sorted(root.glob("*.py")):
